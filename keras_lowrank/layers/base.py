@@ -1,0 +1,763 @@
+"""`LowRankLayer`: the per-layer adapter state shared by all adapter layers.
+
+A `LowRankDense` *is* a `keras.layers.Dense` (likewise for EinsumDense,
+Embedding and Conv), with named adapters added. A layer gets there in one of
+two ways:
+
+- standalone: `LowRankDense(64, rank=8)` creates a frozen kernel and the
+  factors in `build`;
+- in place: `LowRankDense.from_layer(dense, rank=8)` (what `adapt()` uses)
+  turns an existing, built `Dense` into a `LowRankDense` by changing its class
+  and adding the factors. The kernel variable is the same object before and
+  after: nothing is copied, and the parent model, which may be subclassed or a
+  KerasHub model whose sublayers cannot be swapped, keeps working.
+
+Each adapter has a name, an `AdapterSpec` and its variables (`A`, `B`, and for
+DoRA the magnitude `m` and the norm kept while merged). A layer can hold
+several; the active ones add up; merged ones live inside the kernel.
+
+Subclasses describe only their own geometry (see the "geometry" methods at the
+end); every formula comes from `keras_lowrank.adapter_math`.
+"""
+
+import contextlib
+import inspect
+
+import keras
+from keras import ops
+
+from keras_lowrank import adapter_math
+from keras_lowrank.spec import AdapterSpec
+from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.spec import where
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class _AdapterState:
+    """Plain Python state of one layer's adapters (deliberately not tracked by
+    Keras: the variables themselves are tracked as layer attributes)."""
+
+    def __init__(self, original_class):
+        self.original_class = original_class
+        self.specs = {}  # name -> AdapterSpec
+        self.active = []  # names whose contribution is added in `call`
+        self.merged = []  # names currently folded into the kernel
+        self.seed = None  # SeedGenerator for adapter dropout, made on demand
+
+
+class LowRankLayer:
+    """Mixin holding named low-rank adapters on a kernel layer.
+
+    Not used directly: use `LowRankDense`, `LowRankEinsumDense`,
+    `LowRankEmbedding` or `LowRankConv1D/2D/3D`.
+    """
+
+    # The plain Keras class each adapter class extends; set by subclasses.
+    base_class = None
+
+    # --- construction -----------------------------------------------------
+
+    def _init_adapters(
+        self,
+        rank,
+        alpha,
+        scaling,
+        dropout,
+        method,
+        init,
+        bias,
+        adapter_name,
+        adapters,
+        active_adapters,
+        merged_adapters,
+    ):
+        """Records the adapters a standalone layer creates in `build`."""
+        self._lowrank = _AdapterState(self.base_class)
+        if adapters is None:
+            spec = AdapterSpec(
+                rank=rank,
+                alpha=alpha,
+                scaling=scaling,
+                dropout=dropout,
+                method=method,
+                init=init,
+                bias=bias,
+            )
+            adapters = {check_adapter_name(adapter_name): spec}
+        self._lowrank_pending = {
+            check_adapter_name(name): (
+                spec
+                if isinstance(spec, AdapterSpec)
+                else AdapterSpec.from_config(spec)
+            )
+            for name, spec in adapters.items()
+        }
+        self._lowrank_pending_active = (
+            list(active_adapters)
+            if active_adapters is not None
+            else list(self._lowrank_pending)
+        )
+        self._lowrank_pending_merged = list(merged_adapters or [])
+
+    def _build_adapters(self):
+        """Creates the recorded adapters; called at the end of `build`.
+
+        A layer rebuilt from a config (a `.keras` file) gets its adapters in
+        their saved state: merged ones are marked merged without touching the
+        kernel, because the saved kernel already holds them.
+        """
+        pending = getattr(self, "_lowrank_pending", None) or {}
+        merged = self._lowrank_pending_merged
+        for name, spec in pending.items():
+            self.add_adapter(name, spec, restore=name in merged)
+        self._lowrank.active = [
+            n for n in self._lowrank_pending_active if n in pending
+        ]
+        self._lowrank.merged = [n for n in merged if n in pending]
+        self._lowrank_pending = {}
+        self._refresh_trainable()
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer,
+        rank=8,
+        alpha=None,
+        scaling="standard",
+        dropout=0.0,
+        method="lora",
+        init="default",
+        bias="none",
+        adapter_name="default",
+        seed=None,
+    ):
+        """Turns a built `base_class` layer into this class, in place.
+
+        The layer keeps its identity, kernel variable, bias, activation, dtype
+        policy and name; an adapter named `adapter_name` is added and the
+        kernel is frozen. The same object is returned.
+
+        Args:
+            layer: a built instance of exactly `cls.base_class`.
+            rank, alpha, scaling, dropout, method, init, bias: the adapter's
+                options (see `AdapterSpec`).
+            adapter_name: the adapter's name.
+            seed: optional int seed for the factors' initialisation.
+
+        Returns:
+            `layer`, now an instance of `cls`.
+
+        Example:
+
+        >>> dense = keras.layers.Dense(16)
+        >>> dense.build((None, 8))
+        >>> from keras_lowrank import LowRankDense
+        >>> adapted = LowRankDense.from_layer(dense, rank=2)
+        >>> adapted is dense, type(dense).__name__
+        (True, 'LowRankDense')
+        """
+        spec = AdapterSpec(
+            rank=rank,
+            alpha=alpha,
+            scaling=scaling,
+            dropout=dropout,
+            method=method,
+            init=init,
+            bias=bias,
+        )
+        cls.check_convertible(layer)
+        cls.become(layer)
+        try:
+            layer.add_adapter(adapter_name, spec, seed=seed)
+        except Exception:
+            cls.revert(layer)
+            raise
+        return layer
+
+    @classmethod
+    def check_convertible(cls, layer):
+        """Raises unless `layer` can become an instance of `cls` in place."""
+        path = getattr(layer, "path", None) or getattr(layer, "name", None)
+        if isinstance(layer, LowRankLayer):
+            return
+        if type(layer) is not cls.base_class:
+            raise TypeError(
+                f"{where(path)}: {cls.__name__} adapts exactly "
+                f"`keras.layers.{cls.base_class.__name__}` layers, not "
+                f"{type(layer).__name__}. Adapt the layers inside it instead, "
+                "or leave it out of `targets`."
+            )
+        if not layer.built:
+            raise ValueError(
+                f"{where(path)}: the layer is not built, so it has no kernel "
+                "to adapt yet. Build the model first (call it on data or call "
+                "`model.build(input_shape)`), then adapt it."
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"{where(path)}: Keras's built-in LoRA is enabled on this "
+                "layer (`enable_lora`). Use one or the other: rebuild the "
+                "layer without `lora_rank`/`enable_lora`, then adapt it."
+            )
+        if getattr(layer, "kernel_constraint", None) is not None or getattr(
+            layer, "embeddings_constraint", None
+        ) is not None:
+            raise ValueError(
+                f"{where(path)}: the layer has a kernel constraint, which a "
+                "low-rank update would bypass. Remove `kernel_constraint` "
+                "(or `embeddings_constraint`) from the layer, or exclude it."
+            )
+        dtype = keras.backend.standardize_dtype(layer.dtype_policy.variable_dtype)
+        if layer.quantization_mode is None and dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{where(path)}: unsupported dtype {dtype!r}; adapters need a "
+                f"floating-point kernel ({', '.join(SUPPORTED_DTYPES)}). Use "
+                "a float dtype policy for this layer, or exclude it."
+            )
+        if layer.quantization_mode is not None:
+            raise TypeError(
+                f"{where(path)}: the layer is quantized "
+                f"({layer.quantization_mode!r}); quantized bases are not "
+                "supported by this version. Adapt the model before "
+                "`model.quantize(...)`, or exclude the layer."
+            )
+        cls._check_geometry(layer, path)
+
+    @classmethod
+    def _check_geometry(cls, layer, path):
+        """Subclass hook: refuse layer configurations without a true rank-r
+        factorisation (grouped convolutions, for instance)."""
+
+    @classmethod
+    def become(cls, layer):
+        """Changes `layer`'s class to `cls` and gives it empty adapter state."""
+        if isinstance(layer, LowRankLayer):
+            return
+        original = type(layer)
+        layer.__class__ = cls
+        layer._lowrank = _AdapterState(original)
+        layer._lowrank_pending = {}
+        _refresh_call_signature(layer)
+
+    @classmethod
+    def revert(cls, layer):
+        """Undoes `become` on a layer that holds no adapter (any more)."""
+        if not isinstance(layer, LowRankLayer):
+            return
+        if layer._lowrank.specs:
+            raise ValueError(
+                f"{where(layer.path)}: delete its adapters before turning it "
+                "back into a plain layer."
+            )
+        original = layer._lowrank.original_class
+        if layer._lowrank.seed is not None:
+            _untrack(layer, "lowrank_seed")
+        del layer._lowrank
+        del layer._lowrank_pending
+        layer.__class__ = original
+        _refresh_call_signature(layer)
+
+    # --- adapters ---------------------------------------------------------
+
+    @property
+    def adapter_names(self):
+        """Names of all adapters on this layer, in creation order."""
+        return list(self._lowrank.specs)
+
+    @property
+    def active_adapters(self):
+        """Names of the adapters whose contribution `call` adds (or which
+        are merged into the kernel)."""
+        return list(self._lowrank.active)
+
+    @property
+    def merged_adapters(self):
+        """Names of the adapters currently folded into the kernel."""
+        return list(self._lowrank.merged)
+
+    @property
+    def lowrank_layout(self):
+        """The `KernelLayout` of this layer's kernel."""
+        return self._layout()
+
+    def adapter_spec(self, name):
+        """The `AdapterSpec` of adapter `name`."""
+        return self._lowrank.specs[self._known(name)]
+
+    def adapter_variables(self, name):
+        """`{"A": ..., "B": ...}` (plus `"magnitude"`, `"norm"` for DoRA)."""
+        self._known(name)
+        out = {}
+        for key in ("A", "B", "magnitude", "norm"):
+            var = getattr(self, _var_attr(key, name), None)
+            if var is not None:
+                out[key] = var
+        return out
+
+    def add_adapter(self, name, spec, seed=None, restore=False):
+        """Adds adapter `name` with options `spec` (an `AdapterSpec`).
+
+        Args:
+            name: the adapter's name (letters, digits, `_`, `-`).
+            spec: an `AdapterSpec`.
+            seed: optional int seed for the initial factors.
+            restore: create the variables without initialising them (their
+                values are about to be loaded from a file); PiSSA/OLoRA then
+                leave the kernel untouched.
+
+        The new adapter is active alone unless other adapters are active, in
+        which case it is added to the active set.
+
+        Example:
+
+        >>> from keras_lowrank import LowRankDense, AdapterSpec
+        >>> layer = LowRankDense(4, rank=2)
+        >>> layer.build((None, 3))
+        >>> layer.add_adapter("second", AdapterSpec(rank=1))
+        >>> layer.adapter_names
+        ['default', 'second']
+        """
+        path = self.path
+        check_adapter_name(name, path)
+        if not isinstance(spec, AdapterSpec):
+            raise TypeError(
+                f"{where(path)}: spec must be an AdapterSpec, got "
+                f"{type(spec).__name__}. Use keras_lowrank.AdapterSpec(rank=8)."
+            )
+        if name in self._lowrank.specs:
+            raise ValueError(
+                f"{where(path)}: an adapter named {name!r} already exists. "
+                "Choose another name, or `delete_adapter` it first."
+            )
+        spec.validate(path)
+        layout = self._layout()
+        if spec.rank > layout.max_rank:
+            raise ValueError(
+                f"{where(path)}: rank {spec.rank} is larger than "
+                f"min(d, k) = min({layout.d}, {layout.k}) = {layout.max_rank}"
+                " for this kernel, so it is not low-rank. Use a rank of at "
+                f"most {layout.max_rank}."
+            )
+        self._check_spec(spec, path)
+        if spec.init in ("pissa", "olora") and self._lowrank.merged:
+            raise ValueError(
+                f"{where(path)}: init={spec.init!r} rewrites the kernel, "
+                "which holds merged adapters now. `unmerge` first."
+            )
+        values = None if restore else self._initial_values(spec, seed)
+        created = []
+        try:
+            with self._unlocked_scope():
+                for key, shape, trainable in self._variable_plan(spec, layout):
+                    var = self.add_weight(
+                        name=f"lowrank_{key}_{name}",
+                        shape=shape,
+                        initializer="zeros",
+                        dtype="float32",
+                        trainable=trainable,
+                    )
+                    setattr(self, _var_attr(key, name), var)
+                    created.append(key)
+                if spec.dropout and self._lowrank.seed is None:
+                    self.lowrank_seed = keras.random.SeedGenerator(
+                        seed if isinstance(seed, int) else None
+                    )
+                    self._lowrank.seed = self.lowrank_seed
+        except Exception:
+            with self._unlocked_scope():
+                for key in created:
+                    delattr(self, _var_attr(key, name))
+            raise
+        if values is not None:
+            for key, value in values.items():
+                if key == "kernel":
+                    self._kernel_variable().assign(
+                        ops.cast(value, self._kernel_variable().dtype)
+                    )
+                else:
+                    getattr(self, _var_attr(key, name)).assign(value)
+        self._lowrank.specs[name] = spec
+        self._lowrank.active.append(name)
+        self._refresh_trainable()
+
+    def delete_adapter(self, name):
+        """Removes adapter `name` and its variables (unmerging it first)."""
+        self._known(name)
+        if name in self._lowrank.merged:
+            self.unmerge([name])
+        with self._unlocked_scope():
+            for key in ("A", "B", "magnitude", "norm"):
+                if hasattr(self, _var_attr(key, name)):
+                    delattr(self, _var_attr(key, name))
+        del self._lowrank.specs[name]
+        if name in self._lowrank.active:
+            self._lowrank.active.remove(name)
+        self._refresh_trainable()
+
+    def set_active_adapters(self, names):
+        """Makes exactly `names` (a list, possibly empty) active.
+
+        Merged adapters must stay active: unmerge before deactivating them.
+        """
+        names = list(names)
+        for name in names:
+            self._known(name)
+        for name in self._lowrank.merged:
+            if name not in names:
+                raise ValueError(
+                    f"{where(self.path)}: adapter {name!r} is merged into the"
+                    " kernel; `unmerge` before switching it off."
+                )
+        self._lowrank.active = names
+        self._refresh_trainable()
+
+    def delta(self, name):
+        """`ΔW` of adapter `name` in the kernel's own layout (float32).
+
+        For LoRA this is `s·A·B`; for DoRA it is the full change
+        `(m/‖W+s·A·B‖)·(W+s·A·B) − W` relative to the current kernel.
+        """
+        spec = self.adapter_spec(name)
+        layout = self._layout()
+        variables = self.adapter_variables(name)
+        delta = adapter_math.lowrank_delta(
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            spec.scale,
+        )
+        if spec.method == "dora":
+            w = layout.to_matrix(self._float_kernel())
+            norm = adapter_math.dora_weight_norm(
+                w,
+                layout.a_to_matrix(variables["A"]),
+                layout.b_to_matrix(variables["B"]),
+                spec.scale,
+            )
+            magnitude = layout.units_to_matrix(variables["magnitude"])
+            merged = adapter_math.dora_merged_kernel(w, delta, magnitude, norm)
+            delta = ops.cast(merged, "float32") - ops.cast(w, "float32")
+        return layout.from_matrix(delta)
+
+    def merge(self, names=None):
+        """Folds adapters (default: every active, unmerged one) into the
+        kernel. Merging an adapter twice does nothing the second time."""
+        names = self._lowrank.active if names is None else list(names)
+        for name in names:
+            self._known(name)
+            if name not in self._lowrank.active:
+                raise ValueError(
+                    f"{where(self.path)}: adapter {name!r} is not active; "
+                    "only active adapters can be merged (`set_adapter` it)."
+                )
+        kernel = self._kernel_variable()
+        layout = self._layout()
+        for name in names:
+            if name in self._lowrank.merged:
+                continue
+            spec = self._lowrank.specs[name]
+            variables = self.adapter_variables(name)
+            a = layout.a_to_matrix(variables["A"])
+            b = layout.b_to_matrix(variables["B"])
+            w = layout.to_matrix(kernel)
+            delta = adapter_math.lowrank_delta(a, b, spec.scale)
+            if spec.method == "dora":
+                norm = adapter_math.dora_weight_norm(w, a, b, spec.scale)
+                magnitude = layout.units_to_matrix(variables["magnitude"])
+                new_w = adapter_math.dora_merged_kernel(w, delta, magnitude, norm)
+                variables["norm"].assign(layout.units_from_matrix(norm))
+            else:
+                new_w = adapter_math.merge_kernel(w, delta)
+            kernel.assign(layout.from_matrix(new_w))
+            self._lowrank.merged.append(name)
+        self._refresh_trainable()
+
+    def unmerge(self, names=None):
+        """Takes merged adapters (default: all) back out of the kernel, in
+        the reverse order of merging."""
+        names = list(self._lowrank.merged) if names is None else list(names)
+        kernel = self._kernel_variable()
+        layout = self._layout()
+        for name in reversed(list(self._lowrank.merged)):
+            if name not in names:
+                continue
+            spec = self._lowrank.specs[name]
+            variables = self.adapter_variables(name)
+            a = layout.a_to_matrix(variables["A"])
+            b = layout.b_to_matrix(variables["B"])
+            w = layout.to_matrix(kernel)
+            delta = adapter_math.lowrank_delta(a, b, spec.scale)
+            if spec.method == "dora":
+                new_w = adapter_math.dora_unmerged_kernel(
+                    w,
+                    delta,
+                    layout.units_to_matrix(variables["magnitude"]),
+                    layout.units_to_matrix(variables["norm"]),
+                )
+                variables["norm"].assign(ops.zeros_like(variables["norm"]))
+            else:
+                new_w = adapter_math.unmerge_kernel(w, delta)
+            kernel.assign(layout.from_matrix(new_w))
+            self._lowrank.merged.remove(name)
+        self._refresh_trainable()
+
+    # --- Keras hooks --------------------------------------------------------
+
+    def call(self, inputs, training=None):
+        base = self._base_output(inputs)
+        outputs = base
+        for name in self._lowrank.active:
+            if name not in self._lowrank.merged:
+                outputs = self._add_adapter_output(
+                    outputs, base, inputs, name, training
+                )
+        return self._finish_output(outputs)
+
+    def _add_adapter_output(self, outputs, base, inputs, name, training):
+        spec = self._lowrank.specs[name]
+        variables = self.adapter_variables(name)
+        dropped = adapter_math.adapter_dropout(
+            inputs, spec.dropout, training, self._lowrank.seed
+        )
+        lowrank = adapter_math.lowrank_contribution(
+            dropped,
+            variables["A"],
+            variables["B"],
+            spec.scale,
+            contract_a=self._contract_a,
+            contract_b=self._contract_b,
+            dtype=self.compute_dtype,
+        )
+        lowrank = ops.cast(lowrank, outputs.dtype)
+        if spec.method == "lora":
+            return ops.add(outputs, lowrank)
+        layout = self._layout()
+        norm = adapter_math.dora_weight_norm(
+            layout.to_matrix(self._float_kernel()),
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            spec.scale,
+        )
+        ratio = ops.divide(
+            ops.cast(variables["magnitude"], "float32"),
+            layout.units_from_matrix(norm),
+        )
+        # Without dropout x_d·W is the x·W already computed: no second matmul.
+        base_dropped = base if dropped is inputs else self._base_output(dropped)
+        return adapter_math.dora_combine(
+            outputs,
+            base_dropped,
+            lowrank,
+            self._units_to_output(ratio, len(outputs.shape)),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "adapters": {
+                    name: spec.get_config()
+                    for name, spec in self._specs_for_config().items()
+                },
+                "active_adapters": list(self._active_for_config()),
+                "merged_adapters": list(self._merged_for_config()),
+            }
+        )
+        return config
+
+    def _specs_for_config(self):
+        pending = getattr(self, "_lowrank_pending", None)
+        return self._lowrank.specs or pending or {}
+
+    def _active_for_config(self):
+        if self._lowrank.specs:
+            return self._lowrank.active
+        return getattr(self, "_lowrank_pending_active", [])
+
+    def _merged_for_config(self):
+        if self._lowrank.specs:
+            return self._lowrank.merged
+        return getattr(self, "_lowrank_pending_merged", [])
+
+    def save_own_variables(self, store):
+        # The base class writes its own variables under numeric keys; the
+        # adapters go next to them under their names, so that a plain Keras
+        # layer loading this file finds more variables than it has and fails
+        # loudly instead of silently dropping the adapters.
+        super().save_own_variables(store)
+        for name in self._lowrank.specs:
+            for key, var in self.adapter_variables(name).items():
+                store[f"lowrank_{key}_{name}"] = var
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        for name in self._lowrank.specs:
+            for key, var in self.adapter_variables(name).items():
+                stored = f"lowrank_{key}_{name}"
+                if stored not in store.keys():
+                    raise ValueError(
+                        f"{where(self.path)}: the weights file has no "
+                        f"{stored!r}. It was saved from a model without this "
+                        "adapter; load it into a matching model."
+                    )
+                var.assign(store[stored])
+
+    # --- internals ------------------------------------------------------------
+
+    def _known(self, name):
+        if name not in self._lowrank.specs:
+            raise ValueError(
+                f"{where(self.path)}: no adapter named {name!r}; this layer "
+                f"has {sorted(self._lowrank.specs)}."
+            )
+        return name
+
+    @contextlib.contextmanager
+    def _unlocked_scope(self):
+        """Lets a built layer gain or lose variables, under its own path.
+
+        Keras locks a built layer's state; adding adapters after build is a
+        deliberate exception (Keras's own `enable_lora` does the same). The
+        name scope makes the new variables' paths `<layer.path>/<name>`.
+        """
+        tracker = self._tracker
+        was_locked = tracker.locked
+        tracker.unlock()
+        parent, _, leaf = (self.path or self.name).rpartition("/")
+        try:
+            with keras.name_scope(leaf, override_parent=parent):
+                yield
+        finally:
+            if was_locked:
+                tracker.lock()
+
+    def _variable_plan(self, spec, layout):
+        plan = [
+            ("A", layout.a_shape(spec.rank), True),
+            ("B", layout.b_shape(spec.rank), True),
+        ]
+        if spec.method == "dora":
+            plan.append(("magnitude", layout.unit_shape, True))
+            plan.append(("norm", layout.unit_shape, False))
+        return plan
+
+    def _initial_values(self, spec, seed):
+        layout = self._layout()
+        values = {}
+        if spec.init in ("pissa", "olora"):
+            a, b, residual = adapter_math.kernel_factors(
+                spec.init,
+                layout.to_matrix(self._float_kernel()),
+                spec.rank,
+                spec.scale,
+            )
+            values["A"] = layout.a_from_matrix(a)
+            values["B"] = layout.b_from_matrix(b)
+            values["kernel"] = layout.from_matrix(residual)
+            kernel_for_norm = residual
+        else:
+            a, b = self._data_free_factors(spec, layout, seed)
+            values["A"], values["B"] = a, b
+            kernel_for_norm = None
+        if spec.method == "dora":
+            w = (
+                layout.to_matrix(self._float_kernel())
+                if kernel_for_norm is None
+                else kernel_for_norm
+            )
+            # m starts at ‖W + s·A·B‖ so the adapted layer starts at the base.
+            norm = adapter_math.dora_weight_norm(
+                w,
+                layout.a_to_matrix(values["A"]),
+                layout.b_to_matrix(values["B"]),
+                spec.scale,
+            )
+            values["magnitude"] = layout.units_from_matrix(norm)
+        return values
+
+    def _data_free_factors(self, spec, layout, seed):
+        return adapter_math.initial_factors(
+            spec.init,
+            layout.a_shape(spec.rank),
+            layout.b_shape(spec.rank),
+            fan_in=layout.d,
+            seed=seed,
+        )
+
+    def _refresh_trainable(self):
+        """Factors train while active and unmerged; the kernel never does;
+        the bias trains when an active adapter asks for `bias="all"`."""
+        self._kernel_variable().trainable = False
+        live = [n for n in self._lowrank.active if n not in self._lowrank.merged]
+        for name in self._lowrank.specs:
+            for key, var in self.adapter_variables(name).items():
+                var.trainable = key != "norm" and name in live
+        bias = getattr(self, "bias", None)
+        if isinstance(bias, keras.Variable):
+            bias.trainable = any(
+                self._lowrank.specs[n].bias == "all" for n in live
+            )
+
+    def _float_kernel(self):
+        return self._kernel_variable()
+
+    def _check_spec(self, spec, path):
+        """Subclass hook: refuse options that make no sense for the layer."""
+
+    # --- geometry: subclasses implement these ---------------------------------
+
+    def _layout(self):
+        """The `KernelLayout` of the built kernel."""
+        raise NotImplementedError
+
+    def _kernel_variable(self):
+        """The variable holding the (frozen) kernel."""
+        raise NotImplementedError
+
+    def _base_output(self, inputs):
+        """`x·W` before bias and activation, in the compute dtype."""
+        raise NotImplementedError
+
+    def _finish_output(self, outputs):
+        """Adds the bias and applies the activation."""
+        raise NotImplementedError
+
+    def _contract_a(self, x, a):
+        """How the input meets `A` (stored layout)."""
+        raise NotImplementedError
+
+    def _contract_b(self, h, b):
+        """How the rank-r intermediate meets `B` (stored layout)."""
+        raise NotImplementedError
+
+    def _units_to_output(self, units, ndim):
+        """Reshapes a `unit_shape` tensor to broadcast against the output."""
+        raise NotImplementedError
+
+
+def _var_attr(key, name):
+    return f"lowrank_{key}_{name}"
+
+
+def _untrack(layer, attr):
+    with layer._unlocked_scope():
+        delattr(layer, attr)
+
+
+def _refresh_call_signature(layer):
+    """Re-reads `call`'s signature after a class change.
+
+    Keras inspects `call` once, in `Layer.__init__`, to learn whether it takes
+    `training`. An Embedding or Conv layer that became an adapter layer now
+    takes `training` (for adapter dropout), so the cached answer must be
+    refreshed, or Keras would never pass it.
+    """
+    signature = inspect.signature(layer.call)
+    layer._call_signature = signature
+    layer.call_signature_parameters = [p.name for p in signature.parameters.values()]
+    layer._call_has_training_arg = "training" in layer.call_signature_parameters
+    layer._call_has_mask_arg = "mask" in layer.call_signature_parameters
+    layer._call_has_context_arg = {
+        arg: (arg in layer.call_signature_parameters)
+        for arg in layer._call_context_args
+    }

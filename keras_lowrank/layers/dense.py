@@ -1,0 +1,109 @@
+"""`LowRankDense`: a `keras.layers.Dense` with low-rank adapters."""
+
+import keras
+from keras import ops
+
+from keras_lowrank.layers.base import LowRankLayer
+from keras_lowrank.layers.layout import KernelLayout
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class LowRankDense(LowRankLayer, keras.layers.Dense):
+    """A Dense layer whose frozen kernel `W` (d×k) is adapted by `s·A·B`.
+
+    `y = activation(x·W + s·(dropout(x)·A)·B + bias)`, with `A` (d×r),
+    `B` (r×k) and `s = alpha/r` (or `alpha/sqrt(r)` with `scaling="rslora"`).
+    The product is taken as `(x·A)·B`, so training never forms a d×k update.
+    `B` starts at zero: the layer starts equal to the plain Dense layer.
+
+    Args:
+        units: output size, as for `keras.layers.Dense`.
+        rank: rank `r` of the update (`1 <= r <= min(d, k)`).
+        alpha: scaling numerator; defaults to `rank`.
+        scaling: `"standard"` (`alpha/r`) or `"rslora"` (`alpha/sqrt(r)`).
+        dropout: dropout rate on the adapter's input.
+        method: `"lora"` or `"dora"`.
+        init: `"default"`, `"gaussian"`, `"pissa"` or `"olora"`.
+        bias: `"none"` (bias frozen) or `"all"` (bias trains too).
+        adapter_name: name of the adapter created in `build`.
+        adapters, active_adapters, merged_adapters: the full adapter state, as
+            written by `get_config` (used when loading; overrides the options
+            above).
+        **kwargs: every other `keras.layers.Dense` argument.
+
+    Input shape:
+        `(batch_size, ..., d)`.
+
+    Output shape:
+        `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = LowRankDense(8, rank=2, alpha=4)
+    >>> y = layer(np.ones((3, 5), "float32"))
+    >>> y.shape, [w.name for w in layer.trainable_weights]
+    ((3, 8), ['lowrank_A_default', 'lowrank_B_default'])
+    """
+
+    base_class = keras.layers.Dense
+
+    def __init__(
+        self,
+        units,
+        rank=8,
+        alpha=None,
+        scaling="standard",
+        dropout=0.0,
+        method="lora",
+        init="default",
+        bias="none",
+        adapter_name="default",
+        adapters=None,
+        active_adapters=None,
+        merged_adapters=None,
+        **kwargs,
+    ):
+        super().__init__(units, **kwargs)
+        self._init_adapters(
+            rank,
+            alpha,
+            scaling,
+            dropout,
+            method,
+            init,
+            bias,
+            adapter_name,
+            adapters,
+            active_adapters,
+            merged_adapters,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
+    def _layout(self):
+        return KernelLayout(self._kernel.shape, (), (0,), (1,))
+
+    def _kernel_variable(self):
+        return self._kernel
+
+    def _base_output(self, inputs):
+        return ops.matmul(inputs, self._kernel)
+
+    def _finish_output(self, outputs):
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _contract_a(self, x, a):
+        return ops.matmul(x, a)
+
+    def _contract_b(self, h, b):
+        return ops.matmul(h, b)
+
+    def _units_to_output(self, units, ndim):
+        return units

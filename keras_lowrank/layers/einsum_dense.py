@@ -1,0 +1,119 @@
+"""`LowRankEinsumDense`: a `keras.layers.EinsumDense` with low-rank adapters."""
+
+import keras
+from keras import ops
+
+from keras_lowrank.layers import einsum_factorization
+from keras_lowrank.layers.base import LowRankLayer
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
+    """An EinsumDense layer with a true rank-r update of its kernel.
+
+    The kernel's axes are split by the equation into input (contracted),
+    output and batch axes (see `einsum_factorization`); `A` has shape
+    `(*batch, *in, r)` and `B` `(*batch, r, *out)`. The adapter path is
+    `s·einsum(einsum(dropout(x), A), B)`; no kernel-sized update is formed.
+
+    Args:
+        equation: the einsum equation, as for `keras.layers.EinsumDense`.
+        output_shape: as for `keras.layers.EinsumDense`.
+        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
+            the adapter's options (see `LowRankDense`).
+        adapters, active_adapters, merged_adapters: the saved adapter state
+            (used when loading).
+        **kwargs: every other `keras.layers.EinsumDense` argument.
+
+    Input shape and output shape:
+        As for `keras.layers.EinsumDense`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = LowRankEinsumDense("abc,cde->abde", (None, 12, 32), rank=4)
+    >>> y = layer(np.ones((2, 7, 384), "float32"))
+    >>> y.shape, layer.count_params() - 384 * 12 * 32
+    ((2, 7, 12, 32), 3072)
+    """
+
+    base_class = keras.layers.EinsumDense
+
+    def __init__(
+        self,
+        equation,
+        output_shape,
+        rank=8,
+        alpha=None,
+        scaling="standard",
+        dropout=0.0,
+        method="lora",
+        init="default",
+        bias="none",
+        adapter_name="default",
+        adapters=None,
+        active_adapters=None,
+        merged_adapters=None,
+        **kwargs,
+    ):
+        super().__init__(equation, output_shape, **kwargs)
+        self._init_adapters(
+            rank,
+            alpha,
+            scaling,
+            dropout,
+            method,
+            init,
+            bias,
+            adapter_name,
+            adapters,
+            active_adapters,
+            merged_adapters,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_adapters()
+
+    @classmethod
+    def _check_geometry(cls, layer, path):
+        einsum_factorization.factorize(layer.equation, path)
+
+    def _factorization(self):
+        # Derived from the equation alone and cached on the instance: the
+        # equation never changes after construction.
+        cached = getattr(self, "_lowrank_factorization", None)
+        if cached is None or cached.equation != self.equation:
+            cached = einsum_factorization.factorize(self.equation, self.path)
+            self._lowrank_factorization = cached
+        return cached
+
+    def _layout(self):
+        return self._factorization().layout(self._kernel.shape)
+
+    def _kernel_variable(self):
+        return self._kernel
+
+    def _base_output(self, inputs):
+        return ops.einsum(self.equation, inputs, self._kernel)
+
+    def _finish_output(self, outputs):
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _contract_a(self, x, a):
+        return ops.einsum(self._factorization().a_equation, x, a)
+
+    def _contract_b(self, h, b):
+        return ops.einsum(self._factorization().b_equation, h, b)
+
+    def _units_to_output(self, units, ndim):
+        perm, shape_fn = einsum_factorization.units_broadcast(
+            self._factorization(), ndim
+        )
+        if perm != tuple(range(len(perm))):
+            units = ops.transpose(units, perm)
+        return ops.reshape(units, shape_fn(self._layout().unit_shape))

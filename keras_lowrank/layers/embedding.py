@@ -1,0 +1,128 @@
+"""`LowRankEmbedding`: a `keras.layers.Embedding` with low-rank adapters."""
+
+import keras
+from keras import ops
+
+from keras_lowrank.layers.base import LowRankLayer
+from keras_lowrank.layers.layout import KernelLayout
+from keras_lowrank.spec import where
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
+    """An Embedding layer whose frozen table `E` (vocab×dim) gets `s·A·B`.
+
+    `y = E[ids] + s·A[ids]·B`, with `A` (vocab×r) and `B` (r×dim). Only the
+    looked-up rows of `A` are touched, so no vocab×dim update is formed.
+
+    Initialisation follows PEFT's embedding LoRA: with `init="default"`, `A`
+    starts at zero and `B` is standard normal (the roles are swapped relative
+    to Dense because a he-uniform `A` over a 30k-row vocabulary would be tiny
+    and learn slowly); with `init="gaussian"`, `A` is zero and `B` normal with
+    std `1/r`. Either way the layer starts equal to the plain Embedding.
+    Dropout does not apply (the input is token ids), so `dropout` must be 0.
+
+    Args:
+        input_dim: vocabulary size, as for `keras.layers.Embedding`.
+        output_dim: embedding size.
+        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
+            the adapter's options (see `LowRankDense`).
+        adapters, active_adapters, merged_adapters: the saved adapter state.
+        **kwargs: every other `keras.layers.Embedding` argument.
+
+    Input shape:
+        integer ids, `(batch_size, ...)`.
+
+    Output shape:
+        `(batch_size, ..., output_dim)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = LowRankEmbedding(100, 16, rank=4)
+    >>> layer(np.array([[1, 2, 3]])).shape
+    (1, 3, 16)
+    """
+
+    base_class = keras.layers.Embedding
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        rank=8,
+        alpha=None,
+        scaling="standard",
+        dropout=0.0,
+        method="lora",
+        init="default",
+        bias="none",
+        adapter_name="default",
+        adapters=None,
+        active_adapters=None,
+        merged_adapters=None,
+        **kwargs,
+    ):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._init_adapters(
+            rank,
+            alpha,
+            scaling,
+            dropout,
+            method,
+            init,
+            bias,
+            adapter_name,
+            adapters,
+            active_adapters,
+            merged_adapters,
+        )
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        super().build(input_shape)
+        self._build_adapters()
+
+    def _check_spec(self, spec, path):
+        if spec.dropout:
+            raise ValueError(
+                f"{where(path)}: dropout={spec.dropout} cannot apply to an "
+                "Embedding, whose input is token ids. Use dropout=0.0 for "
+                "this layer (exclude it, or adapt it in a separate call)."
+            )
+
+    def _layout(self):
+        return KernelLayout(self._embeddings.shape, (), (0,), (1,))
+
+    def _kernel_variable(self):
+        return self._embeddings
+
+    def _data_free_factors(self, spec, layout, seed):
+        stddev = 1.0 if spec.init == "default" else 1.0 / spec.rank
+        a = ops.zeros(layout.a_shape(spec.rank), "float32")
+        b = keras.random.normal(
+            layout.b_shape(spec.rank), stddev=stddev, dtype="float32", seed=seed
+        )
+        return a, b
+
+    def _ids(self, inputs):
+        if inputs.dtype not in ("int32", "int64"):
+            inputs = ops.cast(inputs, "int32")
+        return inputs
+
+    def _base_output(self, inputs):
+        outputs = ops.take(self._embeddings, self._ids(inputs), axis=0)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _finish_output(self, outputs):
+        return outputs
+
+    def _contract_a(self, x, a):
+        return ops.take(a, self._ids(x), axis=0)
+
+    def _contract_b(self, h, b):
+        return ops.matmul(h, b)
+
+    def _units_to_output(self, units, ndim):
+        return units

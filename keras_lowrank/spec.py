@@ -1,0 +1,153 @@
+"""`AdapterSpec`: the options of one adapter on one layer, validated once.
+
+Every entry point (the layer constructors, `adapt()`, adapter files, `.keras`
+configs) builds an `AdapterSpec`, so a bad option is refused in one place with
+one message, whichever way it arrived.
+"""
+
+import dataclasses
+import numbers
+import re
+
+SCALINGS = ("standard", "rslora")
+METHODS = ("lora", "dora")
+INITS = ("default", "gaussian", "pissa", "olora")
+LAYER_BIAS_POLICIES = ("none", "all")
+
+# Adapter names become part of variable names and paths. PyTorch refuses "."
+# in parameter names and Keras refuses "/" in variable names, so keep to a
+# conservative alphabet.
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def where(path):
+    """The prefix every error message starts with: which layer is concerned."""
+    return f"keras_lowrank: layer '{path}'" if path else "keras_lowrank"
+
+
+def check_adapter_name(name, path=None):
+    """Raises unless `name` can name an adapter (letters, digits, `_`, `-`)."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ValueError(
+            f"{where(path)}: adapter name {name!r} is not valid. Use letters, "
+            "digits, '_' and '-' only, for example name='task_a'."
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """The options of one adapter on one layer.
+
+    Args:
+        rank: positive integer, the rank `r` of `ΔW = A·B`.
+        alpha: positive number; the update is scaled by `alpha / r`
+            (`"standard"`) or `alpha / sqrt(r)` (`"rslora"`). Defaults to
+            `rank`.
+        scaling: `"standard"` or `"rslora"`.
+        dropout: dropout rate in `[0, 1)` applied to the adapter's input only.
+        method: `"lora"` or `"dora"` (weight-decomposed: a trainable
+            magnitude per output unit).
+        init: `"default"` (A he-uniform, B zeros), `"gaussian"` (A normal
+            with std `1/r`, B zeros), `"pissa"` or `"olora"` (factors from the
+            kernel's SVD or QR; the frozen kernel keeps the residual).
+        bias: `"none"` (the layer's bias stays frozen) or `"all"` (the layer's
+            bias trains with the adapter).
+
+    Example:
+
+    >>> spec = AdapterSpec(rank=8, alpha=16)
+    >>> spec.scale
+    2.0
+    """
+
+    rank: int
+    alpha: float = None
+    scaling: str = "standard"
+    dropout: float = 0.0
+    method: str = "lora"
+    init: str = "default"
+    bias: str = "none"
+
+    def __post_init__(self):
+        self.validate()
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", self.rank)
+
+    def validate(self, path=None):
+        """Raises `ValueError`/`TypeError` naming `path` and the fix."""
+        at = where(path)
+        if isinstance(self.rank, bool) or not isinstance(
+            self.rank, numbers.Integral
+        ):
+            raise TypeError(
+                f"{at}: rank must be a positive integer, got {self.rank!r} "
+                f"({type(self.rank).__name__}). Pass an int such as rank=8."
+            )
+        if self.rank <= 0:
+            raise ValueError(
+                f"{at}: rank must be a positive integer, got {self.rank}. "
+                "Pass rank=8 (or any integer >= 1)."
+            )
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, numbers.Real)
+            or not self.alpha > 0
+        ):
+            raise ValueError(
+                f"{at}: alpha must be a positive number, got {self.alpha!r}. "
+                "Pass alpha=None to use alpha = rank."
+            )
+        _check_choice(at, "scaling", self.scaling, SCALINGS)
+        _check_choice(at, "method", self.method, METHODS)
+        _check_choice(at, "init", self.init, INITS)
+        _check_choice(at, "bias", self.bias, LAYER_BIAS_POLICIES)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, numbers.Real)
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(
+                f"{at}: dropout must be a number in [0, 1), got "
+                f"{self.dropout!r}. Pass dropout=0.0 to disable it."
+            )
+
+    @property
+    def scale(self):
+        """The factor `s` that multiplies `A·B`."""
+        from keras_lowrank import adapter_math
+
+        return adapter_math.scaling_factor(self.alpha, self.rank, self.scaling)
+
+    def replace(self, **changes):
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def get_config(self):
+        """A JSON-ready dict; `AdapterSpec(**config)` restores it."""
+        config = dataclasses.asdict(self)
+        config["rank"] = int(self.rank)
+        config["alpha"] = float(self.alpha)
+        config["dropout"] = float(self.dropout)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"keras_lowrank: unknown adapter option(s) {unknown}; known "
+                f"options are {sorted(known)}. The file or config was written "
+                "by a newer keras_lowrank: upgrade keras_lowrank."
+            )
+        return cls(**config)
+
+
+def _check_choice(at, option, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"{at}: unknown {option} {value!r}. Use one of "
+            + ", ".join(repr(c) for c in choices)
+            + "."
+        )
