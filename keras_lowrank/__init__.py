@@ -9,3 +9,6 @@ from keras_lowrank.layers import LowRankEmbedding
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.version import __version__
+from keras_lowrank.model_state import load_model
+from keras_lowrank.surgery import adapt
+from keras_lowrank.surgery import unload

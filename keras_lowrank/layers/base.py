@@ -176,9 +176,14 @@ class LowRankLayer:
         return layer
 
     @classmethod
-    def check_convertible(cls, layer):
-        """Raises unless `layer` can become an instance of `cls` in place."""
-        path = getattr(layer, "path", None) or getattr(layer, "name", None)
+    def check_convertible(cls, layer, path=None):
+        """Raises unless `layer` can become an instance of `cls` in place.
+
+        Args:
+            layer: the candidate layer.
+            path: how to name the layer in errors (default: `layer.path`).
+        """
+        path = path or getattr(layer, "path", None) or layer.name
         if isinstance(layer, LowRankLayer):
             return
         if type(layer) is not cls.base_class:
@@ -339,7 +344,7 @@ class LowRankLayer:
                 " for this kernel, so it is not low-rank. Use a rank of at "
                 f"most {layout.max_rank}."
             )
-        self._check_spec(spec, path)
+        self.check_spec(spec, path)
         if spec.init in ("pissa", "olora") and self._lowrank.merged:
             raise ValueError(
                 f"{where(path)}: init={spec.init!r} rewrites the kernel, "
@@ -386,6 +391,15 @@ class LowRankLayer:
         self._known(name)
         if name in self._lowrank.merged:
             self.unmerge([name])
+        self.forget_adapter(name)
+
+    def forget_adapter(self, name):
+        """Removes adapter `name` and its variables and leaves the kernel as
+        it is (so a merged adapter stays in the kernel: what `unload` wants).
+        """
+        self._known(name)
+        if name in self._lowrank.merged:
+            self._lowrank.merged.remove(name)
         with self._unlocked_scope():
             for key in ("A", "B", "magnitude", "norm"):
                 if hasattr(self, _var_attr(key, name)):
@@ -410,6 +424,15 @@ class LowRankLayer:
                     " kernel; `unmerge` before switching it off."
                 )
         self._lowrank.active = names
+        self._refresh_trainable()
+
+    def restore_state(self, active, merged):
+        """Sets the active and merged adapters as saved, without touching the
+        kernel (a loaded kernel already holds the merged adapters)."""
+        for name in list(active) + list(merged):
+            self._known(name)
+        self._lowrank.active = list(active)
+        self._lowrank.merged = list(merged)
         self._refresh_trainable()
 
     def delta(self, name):
@@ -701,18 +724,28 @@ class LowRankLayer:
     def _float_kernel(self):
         return self._kernel_variable()
 
-    def _check_spec(self, spec, path):
-        """Subclass hook: refuse options that make no sense for the layer."""
+    @classmethod
+    def check_spec(cls, spec, path):
+        """Raises if `spec` makes no sense for this layer type (an Embedding
+        refuses dropout, say). Subclasses extend it."""
 
     # --- geometry: subclasses implement these ---------------------------------
 
-    def _layout(self):
-        """The `KernelLayout` of the built kernel."""
+    @classmethod
+    def kernel_layout(cls, layer):
+        """The `KernelLayout` of a built `base_class` (or adapter) layer."""
         raise NotImplementedError
 
-    def _kernel_variable(self):
-        """The variable holding the (frozen) kernel."""
+    @classmethod
+    def kernel_variable(cls, layer):
+        """The variable holding `layer`'s kernel (plain or adapted)."""
         raise NotImplementedError
+
+    def _layout(self):
+        return type(self).kernel_layout(self)
+
+    def _kernel_variable(self):
+        return type(self).kernel_variable(self)
 
     def _base_output(self, inputs):
         """`x·W` before bias and activation, in the compute dtype."""

@@ -81,14 +81,16 @@ class _LowRankConv(LowRankLayer):
             data_format=self.data_format,
         )
 
-    def _layout(self):
-        ndim = len(self._kernel.shape)
+    @classmethod
+    def kernel_layout(cls, layer):
+        ndim = len(layer._kernel.shape)
         return KernelLayout(
-            self._kernel.shape, (), tuple(range(ndim - 1)), (ndim - 1,)
+            layer._kernel.shape, (), tuple(range(ndim - 1)), (ndim - 1,)
         )
 
-    def _kernel_variable(self):
-        return self._kernel
+    @classmethod
+    def kernel_variable(cls, layer):
+        return layer._kernel
 
     def _base_output(self, inputs):
         return self._conv(inputs, self._kernel)

@@ -83,11 +83,13 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
         super().build(input_shape)
         self._build_adapters()
 
-    def _layout(self):
-        return KernelLayout(self._kernel.shape, (), (0,), (1,))
+    @classmethod
+    def kernel_layout(cls, layer):
+        return KernelLayout(layer._kernel.shape, (), (0,), (1,))
 
-    def _kernel_variable(self):
-        return self._kernel
+    @classmethod
+    def kernel_variable(cls, layer):
+        return layer._kernel
 
     def _base_output(self, inputs):
         return ops.matmul(inputs, self._kernel)

@@ -80,19 +80,16 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
         einsum_factorization.factorize(layer.equation, path)
 
     def _factorization(self):
-        # Derived from the equation alone and cached on the instance: the
-        # equation never changes after construction.
-        cached = getattr(self, "_lowrank_factorization", None)
-        if cached is None or cached.equation != self.equation:
-            cached = einsum_factorization.factorize(self.equation, self.path)
-            self._lowrank_factorization = cached
-        return cached
+        return einsum_factorization.factorize(self.equation, self.path)
 
-    def _layout(self):
-        return self._factorization().layout(self._kernel.shape)
+    @classmethod
+    def kernel_layout(cls, layer):
+        factorization = einsum_factorization.factorize(layer.equation, layer.path)
+        return factorization.layout(layer._kernel.shape)
 
-    def _kernel_variable(self):
-        return self._kernel
+    @classmethod
+    def kernel_variable(cls, layer):
+        return layer._kernel
 
     def _base_output(self, inputs):
         return ops.einsum(self.equation, inputs, self._kernel)

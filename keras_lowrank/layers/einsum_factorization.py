@@ -16,6 +16,7 @@ The adapter path is two einsums, `x·A` then `(x·A)·B`.
 """
 
 import dataclasses
+import functools
 import string
 
 from keras_lowrank.layers.layout import KernelLayout
@@ -54,6 +55,9 @@ class EinsumFactorization:
 def factorize(equation, path=None):
     """Derives `A`'s and `B`'s equations from an EinsumDense equation.
 
+    The parse is cached per equation (layers call this in every forward
+    pass); errors are raised afresh with the caller's `path`.
+
     Args:
         equation: e.g. `"abc,cde->abde"`.
         path: the layer path, for error messages.
@@ -67,7 +71,16 @@ def factorize(equation, path=None):
     >>> f.a_equation, f.b_equation
     ('abc,cr->abr', 'abr,rde->abde')
     """
-    at = f"keras_lowrank: layer '{path}'" if path else "keras_lowrank"
+    try:
+        return _factorize_cached(equation)
+    except ValueError as error:
+        at = f"keras_lowrank: layer '{path}'" if path else "keras_lowrank"
+        raise ValueError(str(error).replace("keras_lowrank", at, 1)) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _factorize_cached(equation):
+    at = "keras_lowrank"
     try:
         inputs, rest = equation.replace(" ", "").split(",")
         kernel, output = rest.split("->")

@@ -84,7 +84,8 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
         super().build(input_shape)
         self._build_adapters()
 
-    def _check_spec(self, spec, path):
+    @classmethod
+    def check_spec(cls, spec, path):
         if spec.dropout:
             raise ValueError(
                 f"{where(path)}: dropout={spec.dropout} cannot apply to an "
@@ -92,11 +93,13 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
                 "this layer (exclude it, or adapt it in a separate call)."
             )
 
-    def _layout(self):
-        return KernelLayout(self._embeddings.shape, (), (0,), (1,))
+    @classmethod
+    def kernel_layout(cls, layer):
+        return KernelLayout(layer._embeddings.shape, (), (0,), (1,))
 
-    def _kernel_variable(self):
-        return self._embeddings
+    @classmethod
+    def kernel_variable(cls, layer):
+        return layer._embeddings
 
     def _data_free_factors(self, spec, layout, seed):
         stddev = 1.0 if spec.init == "default" else 1.0 / spec.rank

@@ -1,0 +1,344 @@
+"""`adapt()` and `unload()`: putting adapters into a model and taking them out.
+
+Both work in place on the layer objects the model already holds (subclassed
+and KerasHub models cannot have sublayers swapped after build), and both are
+all-or-nothing: every check runs before the first change, and a failure
+half-way rolls every change back.
+"""
+
+import numbers
+
+import keras
+
+from keras_lowrank import freezing
+from keras_lowrank import targets as targeting
+from keras_lowrank.layers import LowRankLayer
+from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.model_state import ModelState
+from keras_lowrank.model_state import adapted_layers
+from keras_lowrank.model_state import mark_adapted
+from keras_lowrank.model_state import state_of
+from keras_lowrank.model_state import unmark_adapted
+from keras_lowrank.spec import AdapterSpec
+from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.walk import walk
+
+BIAS_POLICIES = ("none", "lora_only", "all")
+
+
+def adapt(
+    model,
+    rank=8,
+    alpha=None,
+    targets=None,
+    exclude=None,
+    dropout=0.0,
+    scaling="standard",
+    method="lora",
+    init="default",
+    bias="none",
+    trainable=None,
+    name="default",
+    rank_pattern=None,
+    alpha_pattern=None,
+    seed=None,
+):
+    """Adds a low-rank adapter to `model`'s layers, in place, and freezes the
+    rest.
+
+    Every targeted layer becomes its `LowRank*` counterpart (same object, same
+    kernel variable) holding an adapter called `name`; that adapter becomes
+    the only active one. Everything else is frozen, except the layers named
+    in `trainable` and, for KerasHub task models, the task head outside the
+    backbone. The model object keeps working as before (`fit`, `predict`,
+    `generate`, `save`).
+
+    Args:
+        model: a built Keras model: Sequential, Functional, subclassed, or a
+            KerasHub backbone or task.
+        rank: rank `r` of every update (see `rank_pattern`).
+        alpha: scaling numerator; defaults to `rank`.
+        targets: which layers to adapt: names, `layer.path` suffixes, glob
+            patterns, a regular expression (a lone string or `re.Pattern`),
+            layer classes, or the presets `"attention"`, `"mlp"`,
+            `"all-linear"`. `None`: for KerasHub models the architecture's
+            attention query and value projections; otherwise every Dense and
+            EinsumDense except the model's output layer.
+        exclude: layers to leave out, in the same forms.
+        dropout: dropout rate on the adapter path.
+        scaling: `"standard"` (`alpha/r`) or `"rslora"` (`alpha/sqrt(r)`).
+        method: `"lora"` or `"dora"`.
+        init: `"default"`, `"gaussian"`, `"pissa"` or `"olora"`.
+        bias: `"none"` (all biases frozen), `"lora_only"` (the adapted layers'
+            biases train) or `"all"` (every bias trains).
+        trainable: layers (names, paths or patterns) that train entirely, like
+            PEFT's `modules_to_save`. `None` keeps a KerasHub task's head
+            trainable; a list replaces that default (`[]` freezes the head).
+        name: the adapter's name.
+        rank_pattern: `{pattern: rank}` overriding `rank` for matching layers
+            (patterns as in `targets`; the first match wins).
+        alpha_pattern: `{pattern: alpha}`, likewise.
+        seed: optional int seed for the initial factors.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    >>> import keras, keras_lowrank
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32),
+    ...                           keras.layers.Dense(2)])
+    >>> model = keras_lowrank.adapt(model, rank=4)
+    >>> [w.name for w in model.trainable_weights]
+    ['lowrank_A_default', 'lowrank_B_default']
+    """
+    _check_model(model)
+    check_adapter_name(name)
+    if bias not in BIAS_POLICIES:
+        raise ValueError(
+            f"keras_lowrank: unknown bias policy {bias!r}. Use 'none', "
+            "'lora_only' or 'all'."
+        )
+    base_spec = AdapterSpec(
+        rank=rank,
+        alpha=alpha,
+        scaling=scaling,
+        dropout=dropout,
+        method=method,
+        init=init,
+        bias="none" if bias == "none" else "all",
+    )
+    chosen = targeting.select_layers(model, targets, exclude)
+    plan = [
+        (visit, _spec_for(visit, base_spec, rank_pattern, alpha_pattern))
+        for visit in chosen
+    ]
+    _check_plan(model, plan, name)
+    kept = _kept_paths(model, trainable)
+
+    snapshot = _Snapshot(model, [visit.layer for visit, _ in plan], init)
+    try:
+        state = state_of(model, required=False)
+        if state is None:
+            state = ModelState()
+            state.frozen_before = [v.path for v in walk(model) if not v.layer.trainable]
+        for visit, spec in plan:
+            cls = adapter_class_for(visit.layer)
+            cls.become(visit.layer)
+            visit.layer.add_adapter(name, spec, seed=seed)
+        state.options[name] = _options_record(
+            rank, alpha, targets, exclude, dropout, scaling, method, init,
+            bias, trainable, rank_pattern, alpha_pattern,
+            [visit.path for visit, _ in plan],
+        )
+        state.active = [name]
+        state.kept = kept
+        model._keras_lowrank = state
+        for layer in adapted_layers(model):
+            layer.set_active_adapters([name] if name in layer.adapter_names else [])
+        mark_adapted(model)
+        freezing.apply(model)
+    except BaseException:
+        snapshot.restore()
+        raise
+    return model
+
+
+def unload(model):
+    """Merges the active adapters and turns every adapted layer back into its
+    plain Keras class, in place; returns `model`.
+
+    Inactive adapters are discarded. The result holds no keras_lowrank class:
+    its `.keras` file loads where keras_lowrank is not installed, with the
+    same outputs as the adapted model. Layers that were frozen before the
+    first `adapt()` are frozen again; everything else is trainable.
+
+    Example:
+
+    >>> import keras, keras_lowrank
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    ...                           keras.layers.Dense(2)])
+    >>> _ = keras_lowrank.adapt(model, rank=2)
+    >>> type(keras_lowrank.unload(model).layers[0]).__name__
+    'Dense'
+    """
+    state = state_of(model)
+    layers = adapted_layers(model)
+    for layer in layers:
+        layer.merge()
+    for layer in layers:
+        for name in layer.adapter_names:
+            layer.forget_adapter(name)
+        type(layer).revert(layer)
+    unmark_adapted(model)
+    del model._keras_lowrank
+    freezing.make_all_trainable(model)
+    frozen = set(state.frozen_before)
+    for visit in walk(model):
+        if visit.path in frozen:
+            visit.layer.trainable = False
+    freezing.reset_compiled_functions(model)
+    return model
+
+
+# --- checks -----------------------------------------------------------------
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "keras_lowrank: adapt() takes a keras.Model, got "
+            f"{type(model).__name__}. To adapt one layer, use "
+            "LowRankDense.from_layer(layer, rank=...) and the like."
+        )
+    if not model.built:
+        raise ValueError(
+            f"keras_lowrank: model '{model.name}' is not built, so its "
+            "layers have no kernels yet. Build it first (call it on a batch, "
+            "or `model.build(input_shape)`), then adapt it."
+        )
+
+
+def _spec_for(visit, base, rank_pattern, alpha_pattern):
+    changes = {}
+    for option, pattern in (("rank", rank_pattern), ("alpha", alpha_pattern)):
+        for key, value in (pattern or {}).items():
+            if targeting.matches(visit, key):
+                changes[option] = value
+                break
+    if "rank" in changes and "alpha" not in changes and base.alpha == base.rank:
+        # alpha defaulted to rank: keep that default per layer.
+        changes["alpha"] = None
+    if not changes:
+        return base
+    try:
+        return base.replace(**changes)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace(
+            "keras_lowrank:", f"keras_lowrank: layer '{visit.path}':", 1
+        )) from None
+
+
+def _check_plan(model, plan, name):
+    paths = {}
+    for visit, spec in plan:
+        layer = visit.layer
+        other = paths.setdefault(visit.path, layer)
+        if other is not layer:
+            raise ValueError(
+                f"keras_lowrank: two layers share the path '{visit.path}'. "
+                "Adapters are identified by layer path; give the layers "
+                "distinct names."
+            )
+        cls = adapter_class_for(layer)
+        cls.check_convertible(layer, visit.path)
+        spec.validate(visit.path)
+        if isinstance(layer, LowRankLayer) and name in layer.adapter_names:
+            raise ValueError(
+                f"keras_lowrank: layer '{visit.path}' already has an adapter "
+                f"named {name!r}. Use another name (adapt(..., name='task_b')) "
+                "or keras_lowrank.delete_adapter(model, name) first."
+            )
+        layout = cls.kernel_layout(layer)
+        if spec.rank > layout.max_rank:
+            raise ValueError(
+                f"keras_lowrank: layer '{visit.path}': rank {spec.rank} is "
+                f"larger than min(d, k) = {layout.max_rank} for its kernel "
+                f"{layout.kernel_shape}, so it is not low-rank. Use a rank of "
+                f"at most {layout.max_rank}, or a rank_pattern for this layer."
+            )
+        cls.check_spec(spec, visit.path)
+
+
+def _kept_paths(model, trainable):
+    if trainable is None:
+        layers = {id(layer) for layer in targeting.default_trainable_layers(model)}
+        return [v.path for v in walk(model) if id(v.layer) in layers]
+    return [visit.path for visit in targeting.select_any_layers(model, trainable)]
+
+
+def _options_record(
+    rank, alpha, targets, exclude, dropout, scaling, method, init, bias,
+    trainable, rank_pattern, alpha_pattern, paths,
+):
+    """adapt()'s arguments as JSON-ready data (targets as given, and the
+    layer paths they resolved to)."""
+    return {
+        "rank": int(rank),
+        "alpha": float(alpha) if isinstance(alpha, numbers.Real) else alpha,
+        "targets": targeting.describe(targets),
+        "exclude": targeting.describe(exclude),
+        "dropout": float(dropout),
+        "scaling": scaling,
+        "method": method,
+        "init": init,
+        "bias": bias,
+        "trainable": targeting.describe(trainable),
+        "rank_pattern": _pattern_record(rank_pattern),
+        "alpha_pattern": _pattern_record(alpha_pattern),
+        "layers": list(paths),
+    }
+
+
+def _pattern_record(pattern):
+    if not pattern:
+        return {}
+    return {targeting.describe(key): value for key, value in pattern.items()}
+
+
+class _Snapshot:
+    """Everything adapt() may change, to put back if it fails half-way."""
+
+    def __init__(self, model, layers, init):
+        self.model = model
+        self.model_class = type(model)
+        self.state = getattr(model, "_keras_lowrank", None)
+        self.state_copy = None
+        if self.state is not None:
+            import copy
+
+            self.state_copy = copy.deepcopy(self.state)
+        self.layers = [(layer, type(layer), _layer_state(layer)) for layer in layers]
+        self.flags = [(w, w.trainable) for w in model.weights]
+        self.layer_flags = [(v.layer, v.layer.trainable) for v in walk(model)]
+        # PiSSA/OLoRA rewrite the kernel: keep a copy to put back.
+        self.kernels = []
+        if init in ("pissa", "olora"):
+            for layer in layers:
+                variable = adapter_class_for(layer).kernel_variable(layer)
+                self.kernels.append(
+                    (variable, keras.ops.convert_to_numpy(variable))
+                )
+
+    def restore(self):
+        for layer, cls, layer_state in self.layers:
+            if isinstance(layer, LowRankLayer):
+                for name in layer.adapter_names:
+                    if layer_state is None or name not in layer_state[0]:
+                        layer.forget_adapter(name)
+                if layer_state is None:
+                    type(layer).revert(layer)
+                else:
+                    layer.restore_state(layer_state[1], layer_state[2])
+        for variable, value in self.kernels:
+            variable.assign(value)
+        if self.state is None:
+            if hasattr(self.model, "_keras_lowrank"):
+                del self.model._keras_lowrank
+        else:
+            self.model._keras_lowrank = self.state_copy
+        self.model.__class__ = self.model_class
+        for layer, flag in self.layer_flags:
+            layer.trainable = flag
+        for weight, flag in self.flags:
+            weight.trainable = flag
+
+
+def _layer_state(layer):
+    if not isinstance(layer, LowRankLayer):
+        return None
+    return (
+        list(layer.adapter_names),
+        layer.active_adapters,
+        layer.merged_adapters,
+    )
