@@ -1,4 +1,7 @@
-"""keras_lowrank: low-rank adapters (LoRA and its family) for Keras 3."""
+"""keras_lowrank: low-rank adapters (LoRA and its family) for Keras 3.
+
+See README.md for a quick start and docs/ for the guides.
+"""
 
 from keras_lowrank.layers import LowRankConv1D
 from keras_lowrank.layers import LowRankConv2D
@@ -7,8 +10,15 @@ from keras_lowrank.layers import LowRankDense
 from keras_lowrank.layers import LowRankEinsumDense
 from keras_lowrank.layers import LowRankEmbedding
 from keras_lowrank.layers import LowRankLayer
-from keras_lowrank.spec import AdapterSpec
-from keras_lowrank.version import __version__
+from keras_lowrank.lifecycle import delete_adapter
+from keras_lowrank.lifecycle import disable_adapters
+from keras_lowrank.lifecycle import merge
+from keras_lowrank.lifecycle import set_adapter
+from keras_lowrank.lifecycle import unmerge
 from keras_lowrank.model_state import load_model
+from keras_lowrank.report import AdapterReport
+from keras_lowrank.report import report
+from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.surgery import adapt
 from keras_lowrank.surgery import unload
+from keras_lowrank.version import __version__

@@ -172,13 +172,19 @@ def unload(model):
         type(layer).revert(layer)
     unmark_adapted(model)
     del model._keras_lowrank
+    restore_plain_trainability(model, state)
+    return model
+
+
+def restore_plain_trainability(model, state):
+    """Trainable flags of a model that no longer holds adapters: everything
+    trainable, except layers that were frozen before the first `adapt()`."""
     freezing.make_all_trainable(model)
     frozen = set(state.frozen_before)
     for visit in walk(model):
         if visit.path in frozen:
             visit.layer.trainable = False
     freezing.reset_compiled_functions(model)
-    return model
 
 
 # --- checks -----------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""`report(model)`: what was adapted, at what cost, in numbers and as a table."""
+
+import dataclasses
+import math
+
+from keras_lowrank.model_state import adapted_visits
+from keras_lowrank.model_state import state_of
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRow:
+    """One adapter on one layer.
+
+    Attributes:
+        path: the layer's path inside the model.
+        adapter: the adapter's name.
+        kernel_shape: the base kernel's shape.
+        dk: the kernel's size `d·k` (times any batch axes).
+        rdk: the adapter's factor size `r·(d+k)` (times any batch axes).
+        params: every variable the adapter adds (factors, DoRA magnitude).
+        rank, alpha, scaling, method: the adapter's options.
+        active, merged: its state on this layer.
+    """
+
+    path: str
+    adapter: str
+    kernel_shape: tuple
+    dk: int
+    rdk: int
+    params: int
+    rank: int
+    alpha: float
+    scaling: str
+    method: str
+    active: bool
+    merged: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterReport:
+    """The result of `report()`; `print()` it for a table.
+
+    Attributes:
+        rows: one `AdapterRow` per adapter per layer, in model order.
+        trainable_params: parameters that train now.
+        frozen_params: parameters that do not.
+        adapter_params: parameters held by all adapters.
+        adapted_kernel_params: `d·k` summed over the adapted kernels.
+    """
+
+    rows: tuple
+    trainable_params: int
+    frozen_params: int
+    adapter_params: int
+    adapted_kernel_params: int
+
+    @property
+    def total_params(self):
+        return self.trainable_params + self.frozen_params
+
+    def __str__(self):
+        header = (
+            "path", "adapter", "kernel", "d·k", "r·(d+k)", "rank", "alpha",
+            "scaling", "method", "state",
+        )
+        body = [
+            (
+                row.path,
+                row.adapter,
+                "x".join(str(n) for n in row.kernel_shape),
+                f"{row.dk:,}",
+                f"{row.rdk:,}",
+                str(row.rank),
+                f"{row.alpha:g}",
+                row.scaling,
+                row.method,
+                "merged" if row.merged else ("active" if row.active else "off"),
+            )
+            for row in self.rows
+        ]
+        widths = [
+            max(len(str(cell)) for cell in column)
+            for column in zip(header, *body)
+        ]
+        line = lambda cells: "  ".join(  # noqa: E731
+            str(c).ljust(w) for c, w in zip(cells, widths)
+        ).rstrip()
+        total = self.total_params or 1
+        lines = [line(header), line("-" * w for w in widths)]
+        lines += [line(cells) for cells in body]
+        lines += [
+            "",
+            f"adapter parameters:   {self.adapter_params:,} "
+            f"({100 * self.adapter_params / max(self.adapted_kernel_params, 1):.2f}% "
+            f"of the {self.adapted_kernel_params:,} adapted kernel parameters)",
+            f"trainable parameters: {self.trainable_params:,} "
+            f"({100 * self.trainable_params / total:.2f}% of {self.total_params:,})",
+            f"frozen parameters:    {self.frozen_params:,}",
+        ]
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer, cycle):
+        printer.text(str(self))
+
+
+def report(model):
+    """Per adapted layer: path, kernel shape, `d·k`, `r·(d+k)`, rank, alpha,
+    scaling; and the totals, trainable and frozen.
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        An `AdapterReport`; `print(report(model))` shows a table.
+
+    Example:
+
+    >>> import keras, keras_lowrank
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32),
+    ...                           keras.layers.Dense(2)])
+    >>> r = keras_lowrank.report(keras_lowrank.adapt(model, rank=4))
+    >>> r.rows[0].dk, r.rows[0].rdk, r.trainable_params
+    (512, 192, 192)
+    """
+    state_of(model)
+    rows = []
+    adapted_kernels = 0
+    for visit in adapted_visits(model):
+        layer = visit.layer
+        layout = layer.lowrank_layout
+        batch = math.prod(layout.batch_shape)
+        dk = batch * layout.d * layout.k
+        adapted_kernels += dk
+        for name in layer.adapter_names:
+            spec = layer.adapter_spec(name)
+            params = sum(
+                math.prod(var.shape)
+                for key, var in layer.adapter_variables(name).items()
+                if key in ("A", "B", "magnitude")
+            )
+            rows.append(
+                AdapterRow(
+                    path=visit.path,
+                    adapter=name,
+                    kernel_shape=tuple(layout.kernel_shape),
+                    dk=dk,
+                    rdk=batch * spec.rank * (layout.d + layout.k),
+                    params=int(params),
+                    rank=spec.rank,
+                    alpha=float(spec.alpha),
+                    scaling=spec.scaling,
+                    method=spec.method,
+                    active=name in layer.active_adapters,
+                    merged=name in layer.merged_adapters,
+                )
+            )
+    trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
+    frozen = sum(math.prod(w.shape) for w in model.non_trainable_weights)
+    return AdapterReport(
+        rows=tuple(rows),
+        trainable_params=int(trainable),
+        frozen_params=int(frozen),
+        adapter_params=int(sum(row.params for row in rows)),
+        adapted_kernel_params=int(adapted_kernels),
+    )
