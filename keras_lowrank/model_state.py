@@ -126,8 +126,11 @@ def mark_adapted(model):
     original = type(model)
     cls = _ADAPTED_CLASSES.get(original)
     if cls is None:
+        # The class name is what Keras writes as `class_name` and quotes when
+        # it cannot find the class: on a machine without keras_lowrank the
+        # error then says which package is missing.
         cls = type(
-            original.__name__,
+            f"keras_lowrank.AdaptedModel[{original.__name__}]",
             (AdaptedModel, original),
             {
                 "__module__": original.__module__,
