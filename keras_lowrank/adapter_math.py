@@ -101,6 +101,32 @@ def lowrank_contribution(
     return ops.multiply(y, ops.cast(scale, dtype))
 
 
+def flat_matmul(x, w, contracted_ndim=1, out_shape=None):
+    """`x` contracted over its last `contracted_ndim` axes with the matrix
+    `w` (`d×n`), as a single 2-D matmul over the flattened leading axes.
+
+    Same result as `einsum`/batched `matmul`, but the backward pass stays two
+    plain 2-D products. A rank-3 `(batch, seq, d)·(d, r)` product makes XLA
+    on CPU transpose the `(batch·seq)×k` output gradient before computing
+    `dB` (and `dA`): measured on one MiniLM FFN layer (JAX, CPU), 2 extra
+    transposes and 87 MB accessed instead of 68 MB; on the whole MiniLM with
+    every linear layer adapted at r=8, 1.54x the floor's step instead of
+    1.22x.
+
+    Args:
+        x: `(*lead, *contracted)`.
+        w: `(d, n)` with `d` the product of the contracted sizes.
+        contracted_ndim: how many trailing axes of `x` are contracted.
+        out_shape: the trailing output shape (default `(n,)`).
+
+    Returns:
+        `(*lead, *out_shape)`.
+    """
+    lead = tuple(ops.shape(x)[: len(x.shape) - contracted_ndim])
+    y = ops.matmul(ops.reshape(x, (-1, w.shape[0])), w)
+    return ops.reshape(y, lead + tuple(out_shape or (w.shape[1],)))
+
+
 def adapter_dropout(x, rate, training, seed=None):
     """Dropout on the adapter path only; returns `x` itself when inactive.
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lowrank import adapter_math
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
 
@@ -102,10 +103,10 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
         return outputs
 
     def _contract_a(self, x, a):
-        return ops.matmul(x, a)
+        return adapter_math.flat_matmul(x, a)
 
     def _contract_b(self, h, b):
-        return ops.matmul(h, b)
+        return adapter_math.flat_matmul(h, b)
 
     def _units_to_output(self, units, ndim):
         return units

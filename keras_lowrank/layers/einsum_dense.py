@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lowrank import adapter_math
 from keras_lowrank.layers import einsum_factorization
 from keras_lowrank.layers.base import LowRankLayer
 
@@ -102,10 +103,21 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
         return outputs
 
     def _contract_a(self, x, a):
-        return ops.einsum(self._factorization().a_equation, x, a)
+        factorization = self._factorization()
+        if factorization.matrix_form:
+            # One 2-D matmul: see `adapter_math.flat_matmul` for why.
+            layout = self._layout()
+            a = ops.reshape(a, (layout.d, a.shape[-1]))
+            return adapter_math.flat_matmul(x, a, len(layout.in_axes))
+        return ops.einsum(factorization.a_equation, x, a)
 
     def _contract_b(self, h, b):
-        return ops.einsum(self._factorization().b_equation, h, b)
+        factorization = self._factorization()
+        if factorization.matrix_form:
+            layout = self._layout()
+            b = ops.reshape(b, (b.shape[0], layout.k))
+            return adapter_math.flat_matmul(h, b, 1, layout.out_shape)
+        return ops.einsum(factorization.b_equation, h, b)
 
     def _units_to_output(self, units, ndim):
         perm, shape_fn = einsum_factorization.units_broadcast(

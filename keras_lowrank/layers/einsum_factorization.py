@@ -34,6 +34,12 @@ class EinsumFactorization:
         batch_axes, in_axes, out_axes: kernel axis indices of each kind.
         unit_spec: letters of DoRA's per-output-unit tensor (batch + out).
         output_spec: letters of the output (may contain `...`).
+        matrix_form: True when the equation is a plain matrix product on
+            trailing axes (no batch axes; the input ends with the contracted
+            axes and the output with the output axes, both in kernel order;
+            the leading axes pass through unchanged), as in every KerasHub
+            attention projection. The factors can then be applied as 2-D
+            matmuls on flattened inputs (faster backward pass on XLA/CPU).
     """
 
     equation: str
@@ -45,6 +51,7 @@ class EinsumFactorization:
     out_axes: tuple
     unit_spec: str
     output_spec: str
+    matrix_form: bool = False
 
     def layout(self, kernel_shape):
         return KernelLayout(
@@ -125,6 +132,10 @@ def _factorize_cached(equation):
     a_spec = batch_s + in_s + rank_letter
     b_spec = batch_s + rank_letter + out_s
     mid = "".join(c for c in inputs if c not in in_s) + rank_letter
+    lead = inputs[: len(inputs) - len(in_s)]
+    matrix_form = (
+        not batch_s and inputs.endswith(in_s) and output == lead + out_s
+    )
     # Keep "..." intact when removing letters (it contains no letters).
     return EinsumFactorization(
         equation=equation,
@@ -136,6 +147,7 @@ def _factorize_cached(equation):
         out_axes=tuple(free),
         unit_spec=batch_s + out_s,
         output_spec=output,
+        matrix_form=matrix_form,
     )
 
 
