@@ -39,7 +39,8 @@ BACKENDS = ("jax", "torch", "tensorflow")
 
 def build_plan(tiny=False, workloads=("compare", "rank", "width"), rank=8,
                ranks=(1, 2, 4, 8, 16, 32, 64), widths=(128, 256, 512, 768),
-               sweep_layers=2, batch_size=8, sequence_length=128):
+               sweep_layers=2, batch_size=8, sequence_length=128,
+               sweep_memory=False):
     """The list of blocks a run measures (see `runner.block`)."""
     from keras_lowrank.bench import runner
     from keras_lowrank.bench import workloads as wl
@@ -71,7 +72,7 @@ def build_plan(tiny=False, workloads=("compare", "rank", "width"), rank=8,
             entries += [entry("builtin", "all_linear", r), entry("lowrank", "all_linear", r)]
         spec = wl.synthetic_spec(hidden, sweep_layers, sweep_batch, sweep_seq)
         plan.append(block("rank sweep", spec, entries, role="rank_sweep",
-                          sweep={"hidden_dim": hidden}))
+                          sweep={"hidden_dim": hidden}, memory=sweep_memory))
     if "width" in workloads:
         for hidden in widths:
             entries = [entry("full"), entry("floor"),
@@ -79,7 +80,8 @@ def build_plan(tiny=False, workloads=("compare", "rank", "width"), rank=8,
                        entry("lowrank", "all_linear", rank)]
             spec = wl.synthetic_spec(hidden, sweep_layers, sweep_batch, sweep_seq)
             plan.append(block(f"width d={hidden}", spec, entries,
-                              role="width_sweep", sweep={"hidden_dim": hidden}))
+                              role="width_sweep", sweep={"hidden_dim": hidden},
+                              memory=sweep_memory))
     return plan
 
 
@@ -113,6 +115,8 @@ def parse_args(argv=None):
                    help="peak memory per entry in its own process (default), "
                    "in this process (tiny default; not per entry), or off")
     p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--sweep-memory", action="store_true",
+                   help="also measure peak memory in the sweeps (slow)")
     p.add_argument("--out", default="bench-results",
                    help="output folder (Markdown, JSON, PNG)")
     p.add_argument("--quiet", action="store_true")
@@ -147,6 +151,7 @@ def run(args):
         sweep_layers=args.sweep_layers,
         batch_size=args.batch_size,
         sequence_length=args.sequence_length,
+        sweep_memory=args.sweep_memory or args.tiny,
     )
     backend = keras.backend.backend()
     log(f"keras_lowrank bench on {backend}: {len(plan)} block(s)")

@@ -37,14 +37,17 @@ def entry_key(item):
     )
 
 
-def block(name, workload_spec, entries, role="compare", sweep=None):
-    """A block: `entries` measured on one workload, timed together."""
+def block(name, workload_spec, entries, role="compare", sweep=None,
+          memory=True):
+    """A block: `entries` measured on one workload, timed together; with
+    `memory=False` its peak memory is not measured (sweeps, by default)."""
     return {
         "name": name,
         "workload": workload_spec,
         "entries": entries,
         "role": role,
         "sweep": sweep or {},
+        "memory": memory,
     }
 
 
@@ -191,7 +194,9 @@ def run_plan(plan, rounds, steps, warmup, memory="subprocess", memory_steps=3,
                 "options": item.get("options") or {},
                 **timed[entry_key(item)],
             }
-            if memory == "subprocess":
+            if not spec.get("memory", True):
+                pass
+            elif memory == "subprocess":
                 log(f"  memory: {_describe(item)}")
                 record.update(memory_in_worker(spec, item, memory_steps, warmup))
             elif memory == "inprocess":
