@@ -9,6 +9,7 @@ import contextlib
 
 from keras_lowrank import freezing
 from keras_lowrank.model_state import adapted_layers
+from keras_lowrank.model_state import adapted_visits
 from keras_lowrank.model_state import state_of
 from keras_lowrank.model_state import unmark_adapted
 
@@ -90,16 +91,16 @@ def set_adapter(model, names):
             f"keras_lowrank: model '{model.name}' has no adapter named "
             f"{unknown[0]!r}; it has {sorted(state.options)}."
         )
-    layers = adapted_layers(model)
-    for layer in layers:
-        stuck = [n for n in layer.merged_adapters if n not in names]
+    visits = adapted_visits(model)
+    for visit in visits:
+        stuck = [n for n in visit.layer.merged_adapters if n not in names]
         if stuck:
             raise ValueError(
                 f"keras_lowrank: adapter {stuck[0]!r} is merged into layer "
-                f"'{layer.path}'; call keras_lowrank.unmerge(model) before "
+                f"'{visit.path}'; call keras_lowrank.unmerge(model) before "
                 "switching it off."
             )
-    for layer in layers:
+    for layer in (visit.layer for visit in visits):
         layer.set_active_adapters([n for n in names if n in layer.adapter_names])
     state.active = names
     freezing.apply(model)
