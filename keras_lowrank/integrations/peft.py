@@ -435,7 +435,9 @@ def _split_key(name):
 def _plan_load(target, config, tensors, verb):
     modules = {}
     strays = []
-    for name, value in tensors.items():
+    # Sorted, so that the first problem reported does not depend on the
+    # file's tensor order.
+    for name, value in sorted(tensors.items()):
         if not name.startswith(KEY_PREFIX):
             _fail(
                 f"{verb}: tensor '{name}' does not start with "
