@@ -12,6 +12,7 @@ modules: `base_model.model.<module>.lora_A.weight` `(r, in_features)`,
 shapes) before changing anything, then adds the adapter with `adapt()` and
 assigns the factors. `export_peft_adapter` does the reverse. Neither needs
 PyTorch, `transformers` or `peft`; only `safetensors` (imported when used).
+The files and PEFT's own `LoraConfig` rules live in `peft_format`.
 
 The factor layouts: a Keras `A` is `(*in_axes, r)` and `B` `(r, *out_axes)`
 (`KernelLayout`), so `A = lora_A.weightᵀ` and `B = lora_B.weightᵀ`, each
@@ -21,100 +22,26 @@ input features, excluding the bias, and detach it: the same function.
 """
 
 import dataclasses
-import json
 import math
 import numbers
 import os
 import re
-import tempfile
 
 import keras
 import numpy as np
 
 from keras_lowrank.integrations import keras_hub as hub_integration
+from keras_lowrank.integrations import peft_format
 from keras_lowrank.integrations import peft_tables
+from keras_lowrank.integrations.peft_format import KEY_PREFIX
+from keras_lowrank.integrations.peft_format import fail
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.walk import find_layer
 from keras_lowrank.walk import walk
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-KEY_PREFIX = "base_model.model."
-
-# LoraConfig fields that change what the adapter computes. Each must hold
-# one of its neutral values; anything else is refused with its reason.
-_MUST_BE_NEUTRAL = {
-    "fan_in_fan_out": (
-        (False, None),
-        "fan_in_fan_out=True is for GPT-2-style Conv1D modules, whose "
-        "weights are stored transposed; none of the supported "
-        "architectures has them, so the factors cannot be placed exactly",
-    ),
-    "lora_bias": (
-        (False, None),
-        "lora_bias=True adds a trainable bias to lora_B, which keras_lowrank "
-        "adapters do not have",
-    ),
-    "use_qalora": ((False, None), "QA-LoRA pools the input before lora_A"),
-    "layer_replication": (
-        (None, [], ()),
-        "layer_replication duplicates transformer blocks, changing the "
-        "model's structure",
-    ),
-    "alora_invocation_tokens": (
-        (None, []),
-        "activated LoRA (aLoRA) applies the adapter only after invocation "
-        "tokens",
-    ),
-    "arrow_config": ((None, {}), "Arrow routes between several adapters"),
-    "use_bdlora": ((None, {}, False), "BD-LoRA uses block-diagonal factors"),
-    "kasa_config": (
-        (None, {}),
-        "KaSA adds a diagonal between the factors and truncates the base "
-        "weight",
-    ),
-    "monteclora_config": (
-        (None, {}),
-        "MonteCLoRA samples the factors",
-    ),
-    "target_parameters": (
-        (None, []),
-        "target_parameters adapts raw nn.Parameters (MoE experts), not "
-        "modules",
-    ),
-    "trainable_token_indices": (
-        (None, [], {}),
-        "trainable_token_indices trains single embedding rows",
-    ),
-    "megatron_config": ((None, {}), "Megatron-parallel LoRA layers"),
-}
-
-# Fields read elsewhere, or that do not change the adapter's output once its
-# weights are known (they choose targets or initial values, or only the
-# training pass, as VeLoRA's backward does).
-_UNDERSTOOD = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules",
-    "exclude_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-    "use_dora", "bias", "modules_to_save", "init_lora_weights",
-    "base_model_name_or_path", "revision", "task_type", "inference_mode",
-    "auto_mapping", "peft_version", "layers_to_transform", "layers_pattern",
-    "qalora_group_size", "megatron_core", "ensure_weight_tying",
-    "runtime_config", "eva_config", "corda_config", "lora_ga_config",
-    "loftq_config", "velora_config",
-}
-
-# Initialisations whose adapters apply to the base weights as they are.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-
-
-def _fail(message, error=ValueError):
-    raise error(f"keras_lowrank: {message}")
-
-
-# --- which model --------------------------------------------------------------
+# --- which model -------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +58,7 @@ class _Target:
     def of(cls, model, verb):
         backbone = hub_integration.backbone_of(model)
         if backbone is None:
-            _fail(
+            fail(
                 f"{verb} works on KerasHub backbones and task models "
                 f"(keras_hub.models.*), got {type(model).__name__} "
                 f"'{getattr(model, 'name', '?')}'. Load the base model with "
@@ -148,7 +75,7 @@ class _Target:
             supported = ", ".join(
                 b for a in peft_tables.ARCHITECTURES for b in a.backbones
             )
-            _fail(
+            fail(
                 f"{verb}: no PEFT name table for {type(backbone).__name__}. "
                 f"Supported backbones: {supported}. Adding an architecture "
                 "is adding a table to keras_lowrank/integrations/"
@@ -225,175 +152,7 @@ def _template(text):
     return pattern
 
 
-# --- reading a folder -----------------------------------------------------------
-
-
-def _read_config(path, verb):
-    if not os.path.isdir(path):
-        _fail(
-            f"{verb}: '{path}' is not a folder. Pass the local folder that "
-            f"holds {CONFIG_FILE} and {WEIGHTS_FILE} (download Hub adapters "
-            "first, e.g. with huggingface_hub.snapshot_download).",
-            FileNotFoundError,
-        )
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        _fail(
-            f"{verb}: '{path}' has no {CONFIG_FILE}; it is not a PEFT "
-            "adapter folder.",
-            FileNotFoundError,
-        )
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as error:
-        _fail(f"{verb}: cannot read {config_path}: {error}.")
-    if not isinstance(config, dict):
-        _fail(f"{verb}: {config_path} does not hold a JSON object.")
-    return config
-
-
-def _read_weights(path, verb):
-    weights = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(weights):
-        pickles = [p for p in PICKLE_FILES if os.path.isfile(os.path.join(path, p))]
-        if pickles:
-            _fail(
-                f"{verb}: '{path}' holds its weights as {pickles[0]}, a "
-                "pickle, which can run code when opened; keras_lowrank reads "
-                f"only {WEIGHTS_FILE}. Convert it where you trust the file: "
-                "load it with peft in PyTorch and save it again with "
-                "`model.save_pretrained(path, safe_serialization=True)`.",
-                ValueError,
-            )
-        _fail(
-            f"{verb}: '{path}' has no {WEIGHTS_FILE}.", FileNotFoundError
-        )
-    safetensors = _safetensors(verb)
-    with open(weights, "rb") as f:
-        data = f.read()
-    try:
-        entries = safetensors.deserialize(data)
-    except Exception as error:  # safetensors raises its own error types
-        _fail(f"{verb}: cannot read {weights}: {error}.")
-    return {
-        name: _to_numpy(name, entry, weights, verb) for name, entry in entries
-    }
-
-
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
-
-
-def _to_numpy(name, entry, filename, verb):
-    dtype, shape, data = entry["dtype"], entry["shape"], entry["data"]
-    if dtype == "BF16":
-        # bfloat16 is the top half of a float32.
-        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        array = bits.view(np.float32)
-    elif dtype in _DTYPES:
-        array = np.frombuffer(data, dtype=_DTYPES[dtype]).astype(np.float32)
-    else:
-        _fail(
-            f"{verb}: tensor '{name}' in {filename} has dtype {dtype}; "
-            "adapter weights must be floating point (F16, BF16, F32, F64)."
-        )
-    return array.reshape(shape)
-
-
-def _safetensors(verb):
-    try:
-        import safetensors
-        import safetensors.numpy  # noqa: F401
-    except ImportError:
-        _fail(
-            f"{verb} needs the `safetensors` package to read and write "
-            "PEFT adapter files. Install it: `pip install safetensors` (or "
-            "`pip install keras-lowrank[io]`).",
-            ImportError,
-        )
-    return safetensors
-
-
-# --- checking a LoraConfig ---------------------------------------------------------
-
-
-def _check_config(config, verb):
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        _fail(
-            f"{verb}: peft_type {config.get('peft_type')!r} is not supported; "
-            "keras_lowrank reads LoRA adapters (peft_type 'LORA', with "
-            "use_dora/use_rslora) only."
-        )
-    for field, (neutral, reason) in _MUST_BE_NEUTRAL.items():
-        value = config.get(field)
-        if not _is_one_of(value, neutral):
-            _fail(
-                f"{verb}: the adapter sets {field}={value!r}, which is not "
-                f"supported: {reason}."
-            )
-    init = config.get("init_lora_weights", True)
-    if not _is_one_of(init, _PLAIN_INITS):
-        _fail(
-            f"{verb}: the adapter was initialised with init_lora_weights="
-            f"{init!r}, which rewrites the base weights (a residual after "
-            "PiSSA/OLoRA/CorDA/LoRA-GA/MiCA, a quantised base after LoftQ); "
-            "its factors do not apply to the original base model. Convert "
-            "it to a plain LoRA adapter in PEFT first "
-            "(`save_pretrained(..., path_initial_model_for_weight_conversion"
-            "=...)`)."
-        )
-    unknown = sorted(
-        key for key, value in config.items()
-        if key not in _UNDERSTOOD and key not in _MUST_BE_NEUTRAL
-        and not _is_one_of(value, (None, False, {}, [], ""))
-    )
-    if unknown:
-        _fail(
-            f"{verb}: the adapter sets option(s) {unknown} that this "
-            "keras_lowrank version does not know, so it cannot tell whether "
-            "they change the adapter's output. Upgrade keras_lowrank, or "
-            "remove the option(s) from adapter_config.json if they are "
-            "known to be inert."
-        )
-    bias = config.get("bias", "none")
-    if bias not in ("none", "lora_only", "all"):
-        _fail(
-            f"{verb}: unknown bias policy {bias!r} in the adapter; PEFT's "
-            "are 'none', 'lora_only' and 'all'."
-        )
-    for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
-            _fail(f"{verb}: {field} must be a JSON object (pattern -> value).")
-
-
-def _is_one_of(value, choices):
-    # `==` alone would take 0 for False and 1 for True.
-    return any(type(value) is type(c) and value == c for c in choices)
-
-
-def _pattern_value(pattern, key, default):
-    """PEFT's `get_pattern_key`: the first pattern `p` with
-    `re.match(rf"(.*\\.)?({p})$", key)` gives the value."""
-    for candidate, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({candidate})$", key):
-            return value
-    return default
-
-
-def _selects(targets, key):
-    """PEFT's target matching: a string is a full-match regular expression,
-    a list matches a module name exactly or as a `.`-separated suffix."""
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return True
-        return re.fullmatch(targets, key) is not None
-    return any(key == t or key.endswith("." + t) for t in targets)
-
-
-# --- planning a load ---------------------------------------------------------------
+# --- planning a load ---------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -439,7 +198,7 @@ def _plan_load(target, config, tensors, verb):
     # file's tensor order.
     for name, value in sorted(tensors.items()):
         if not name.startswith(KEY_PREFIX):
-            _fail(
+            fail(
                 f"{verb}: tensor '{name}' does not start with "
                 f"'{KEY_PREFIX}'; this is not a PEFT LoRA file for a "
                 "transformers model."
@@ -450,7 +209,7 @@ def _plan_load(target, config, tensors, verb):
             continue
         modules.setdefault(key, {})[what] = value
     if strays:
-        _fail(
+        fail(
             f"{verb}: tensor(s) {_first(strays)} are not LoRA factors, DoRA "
             "magnitudes, biases or modules_to_save weights (embedding LoRA "
             "`lora_embedding_A/B`, `lora_B.bias` and other variants are not "
@@ -474,7 +233,7 @@ def _plan_load(target, config, tensors, verb):
         kind, _, path = resolved[key]
         layer = find_layer(target.model, path)
         if layer is None:
-            _fail(
+            fail(
                 f"{verb}: module '{key}' maps to Keras layer '{path}', which "
                 f"this {type(target.backbone).__name__} does not have. The "
                 "adapter was made for a larger model of the architecture; "
@@ -486,15 +245,15 @@ def _plan_load(target, config, tensors, verb):
                 _plan_lora(target, config, key, path, layer, kind, parts, verb)
             )
             continue
-        saved = _selects(to_save, key) if to_save else False
+        saved = peft_format.selects(to_save, key) if to_save else False
         if "weight" in parts and not saved:
-            _fail(
+            fail(
                 f"{verb}: the file holds the full weight of module '{key}', "
                 "which is neither LoRA-adapted nor listed in modules_to_save "
                 f"{to_save}; the file and its config disagree."
             )
         if not saved and bias_policy != "all":
-            _fail(
+            fail(
                 f"{verb}: the file holds the bias of module '{key}', but the "
                 f"adapter's bias policy is {bias_policy!r} and the module is "
                 "neither LoRA-adapted nor in modules_to_save; the file and "
@@ -504,7 +263,7 @@ def _plan_load(target, config, tensors, verb):
         if saved:
             kept.append(path)
     if not loras:
-        _fail(f"{verb}: the file holds no LoRA factors (lora_A/lora_B).")
+        fail(f"{verb}: the file holds no LoRA factors (lora_A/lora_B).")
     return _Plan(loras, assigns, kept)
 
 
@@ -514,7 +273,7 @@ def _refuse_unknown(target, config, unknown, verb):
         if any(k.split(".")[-1].startswith(f) for f in target.arch.fused)
     ]
     if fused:
-        _fail(
+        fail(
             f"{verb}: module(s) {_first(fused)} are fused projections (one "
             "nn.Linear for several KerasHub layers); the supported "
             f"{target.arch.name} models keep them separate, so the factors "
@@ -522,7 +281,7 @@ def _refuse_unknown(target, config, unknown, verb):
             "architecture."
         )
     to_save = config.get("modules_to_save") or []
-    saved = [k for k in unknown if to_save and _selects(to_save, k)]
+    saved = [k for k in unknown if to_save and peft_format.selects(to_save, k)]
     if saved:
         where = (
             type(target.model).__name__ if target.task is None
@@ -532,7 +291,7 @@ def _refuse_unknown(target, config, unknown, verb):
             f"{name} ({', '.join(m.hf for m in task.heads)})"
             for name, task in target.arch.tasks.items() if task.heads
         )
-        _fail(
+        fail(
             f"{verb}: modules_to_save module(s) {_first(saved)} have no "
             f"counterpart in {where}, so they cannot be loaded. Mapped "
             f"task heads: {', '.join(heads) or 'none'}; load the adapter "
@@ -541,7 +300,7 @@ def _refuse_unknown(target, config, unknown, verb):
     examples = [
         m.hf.format(i=0) for m in target.arch.linear[:4]
     ]
-    _fail(
+    fail(
         f"{verb}: module(s) {_first(unknown)} have no KerasHub counterpart "
         f"in the {target.arch.name} table (known modules look like "
         f"{examples}, after an optional prefix {target.arch.prefixes[:-1]}). "
@@ -552,38 +311,38 @@ def _refuse_unknown(target, config, unknown, verb):
 
 def _plan_lora(target, config, key, path, layer, kind, parts, verb):
     if kind != "linear":
-        _fail(
+        fail(
             f"{verb}: module '{key}' ({kind}) carries LoRA factors, but only "
             "linear projections can be adapted from PEFT files."
         )
     missing = [p for p in ("A", "B") if p not in parts]
     if missing:
-        _fail(
+        fail(
             f"{verb}: module '{key}' has no lora_{missing[0]}.weight; the "
             "file is incomplete."
         )
     if parts.keys() & {"weight", "bias"}:
-        _fail(
+        fail(
             f"{verb}: module '{key}' has LoRA factors and plain weights at "
             "once; PEFT cannot produce that."
         )
     targets = config.get("target_modules")
-    if _selects(targets, key) is False:
-        _fail(
+    if peft_format.selects(targets, key) is False:
+        fail(
             f"{verb}: the file has LoRA factors for '{key}', which "
             f"target_modules={targets!r} does not select (PEFT itself would "
             "ignore them); the file and its config disagree."
         )
     excluded = config.get("exclude_modules")
-    if excluded and _selects(excluded, key):
-        _fail(
+    if excluded and peft_format.selects(excluded, key):
+        fail(
             f"{verb}: the file has LoRA factors for '{key}', which "
             f"exclude_modules={excluded!r} excludes; the file and its config "
             "disagree."
         )
     use_dora = bool(config.get("use_dora"))
     if use_dora != ("magnitude" in parts):
-        _fail(
+        fail(
             f"{verb}: module '{key}' "
             + (
                 "has no lora_magnitude_vector, but use_dora=true"
@@ -596,7 +355,7 @@ def _plan_lora(target, config, key, path, layer, kind, parts, verb):
     if cls is None or not issubclass(
         cls, (keras.layers.Dense, keras.layers.EinsumDense)
     ):
-        _fail(
+        fail(
             f"{verb}: module '{key}' maps to Keras layer '{path}' "
             f"({type(layer).__name__}), which is not a Dense or EinsumDense "
             "layer."
@@ -604,7 +363,7 @@ def _plan_lora(target, config, key, path, layer, kind, parts, verb):
     cls.check_convertible(layer, path)
     layout = cls.kernel_layout(layer)
     if layout.batch_shape:
-        _fail(
+        fail(
             f"{verb}: Keras layer '{path}' has batch axes in its kernel "
             f"{layout.kernel_shape}; a single nn.Linear cannot map to it."
         )
@@ -620,35 +379,41 @@ def _plan_lora(target, config, key, path, layer, kind, parts, verb):
         expected["base_layer.bias"] = (parts["base_bias"], (layout.k,))
     for what, (value, shape) in expected.items():
         if tuple(value.shape) != shape:
-            _fail(
+            fail(
                 f"{verb}: {key}.{what} has shape {tuple(value.shape)}, but "
                 f"Keras layer '{path}' (kernel {layout.kernel_shape}: "
                 f"{layout.d} inputs, {layout.k} outputs) needs {shape}. The "
                 "adapter was made for a model of another size."
             )
-    r = _pattern_value(config.get("rank_pattern"), key, config.get("r"))
+    r = peft_format.pattern_value(
+        config.get("rank_pattern"), key, config.get("r")
+    )
     if r != rank:
-        _fail(
+        fail(
             f"{verb}: module '{key}' has rank {rank} in the file, but the "
             f"config gives it r={r!r} (r / rank_pattern); the file and its "
             "config disagree."
         )
-    alpha = _pattern_value(
+    alpha = peft_format.pattern_value(
         config.get("alpha_pattern"), key, config.get("lora_alpha", 8)
     )
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        _fail(
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, numbers.Real)
+        or not alpha > 0
+    ):
+        fail(
             f"{verb}: module '{key}' has lora_alpha {alpha!r}; keras_lowrank "
             "needs a positive number."
         )
     if rank > layout.max_rank:
-        _fail(
+        fail(
             f"{verb}: module '{key}' has rank {rank}, larger than "
             f"min(in, out) = {layout.max_rank} of Keras layer '{path}'; "
             "keras_lowrank adapters must be low-rank."
         )
     if "base_bias" in parts and getattr(layer, "bias", None) is None:
-        _fail(
+        fail(
             f"{verb}: the file holds a bias for '{key}', but Keras layer "
             f"'{path}' has no bias."
         )
@@ -660,7 +425,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
     out = []
     if kind == "norm":
         if not isinstance(layer, keras.layers.LayerNormalization):
-            _fail(
+            fail(
                 f"{verb}: module '{key}' maps to '{path}', which is not a "
                 "LayerNormalization."
             )
@@ -668,7 +433,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
         for what, value in parts.items():
             variable = getattr(layer, names[what], None)
             if variable is None:
-                _fail(
+                fail(
                     f"{verb}: Keras layer '{path}' has no {names[what]} for "
                     f"{key}.{what}."
                 )
@@ -678,7 +443,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
     if cls is None or not issubclass(
         cls, (keras.layers.Dense, keras.layers.EinsumDense)
     ):
-        _fail(
+        fail(
             f"{verb}: module '{key}' maps to Keras layer '{path}' "
             f"({type(layer).__name__}), which is not a Dense or EinsumDense "
             "layer."
@@ -688,7 +453,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
         value = parts[what]
         if what == "weight":
             if tuple(value.shape) != (layout.k, layout.d):
-                _fail(
+                fail(
                     f"{verb}: {key}.weight has shape {tuple(value.shape)}, "
                     f"but Keras layer '{path}' needs ({layout.k}, "
                     f"{layout.d}). The adapter was made for another model "
@@ -700,7 +465,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
             )
         else:
             if getattr(layer, "bias", None) is None:
-                _fail(
+                fail(
                     f"{verb}: the file holds {key}.bias, but Keras layer "
                     f"'{path}' has no bias."
                 )
@@ -711,7 +476,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
 def _assign(variable, value, what, path, verb):
     size = math.prod(variable.shape)
     if value.size != size:
-        _fail(
+        fail(
             f"{verb}: {what} has {value.size} values, but '{path}' needs "
             f"{tuple(variable.shape)}. The adapter was made for another "
             "model size."
@@ -734,10 +499,12 @@ def _to_matrix(layout, kernel):
 def _first(items, limit=5):
     items = list(items)
     shown = ", ".join(repr(i) for i in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    if len(items) > limit:
+        shown += f" and {len(items) - limit} more"
+    return shown
 
 
-# --- load ------------------------------------------------------------------------
+# --- load --------------------------------------------------------------------
 
 
 def load_peft_adapter(model, path, name=None):
@@ -780,16 +547,16 @@ def load_peft_adapter(model, path, name=None):
     name = "default" if name is None else name
     check_adapter_name(name)
     target = _Target.of(model, verb)
-    config = _read_config(os.fspath(path), verb)
-    _check_config(config, verb)
-    tensors = _read_weights(os.fspath(path), verb)
+    config = peft_format.read_config(os.fspath(path), verb)
+    peft_format.check_config(config, verb)
+    tensors = peft_format.read_weights(os.fspath(path), verb)
     plan = _plan_load(target, config, tensors, verb)
     existing = [
         p.path for p in plan.loras
         if isinstance(p.layer, LowRankLayer) and name in p.layer.adapter_names
     ]
     if existing:
-        _fail(
+        fail(
             f"{verb}: layer '{existing[0]}' already has an adapter named "
             f"{name!r}. Pass another name (name='task_b') or "
             "keras_lowrank.delete_adapter(model, name) first."
@@ -864,7 +631,7 @@ def _set(variable, value):
     variable.assign(keras.ops.cast(value, variable.dtype))
 
 
-# --- export ------------------------------------------------------------------------
+# --- export ------------------------------------------------------------------
 
 
 def export_peft_adapter(
@@ -922,7 +689,6 @@ def export_peft_adapter(
     state = state_of(model)
     name = _pick_adapter(model, state, name, verb)
     prefix = _export_prefix(target, module_prefix, verb)
-    safetensors = _safetensors(verb)
 
     visits = [v for v in adapted_visits(model) if name in v.layer.adapter_names]
     entries = []
@@ -934,7 +700,7 @@ def export_peft_adapter(
         else:
             entries.append((visit, hit[1]))
     if unmapped:
-        _fail(
+        fail(
             f"{verb}: adapter {name!r} is on layer(s) {_first(unmapped)}, "
             f"which have no nn.Linear counterpart in the {target.arch.name} "
             "table, so PEFT could not load them. Export an adapter that "
@@ -946,13 +712,13 @@ def export_peft_adapter(
     for field in ("method", "scaling", "dropout", "init"):
         values = {getattr(s, field) for s in specs.values()}
         if len(values) > 1:
-            _fail(
+            fail(
                 f"{verb}: adapter {name!r} mixes {field} values "
                 f"{sorted(map(str, values))} across layers; one LoraConfig "
                 "has one."
             )
     if first.init in ("pissa", "olora"):
-        _fail(
+        fail(
             f"{verb}: adapter {name!r} was initialised with init="
             f"{first.init!r}, which rewrote the Keras kernels into residuals; "
             "PEFT applies adapters to the original base weights, so the "
@@ -961,11 +727,12 @@ def export_peft_adapter(
     for visit, module in entries:
         others = [
             n for n in visit.layer.adapter_names
-            if n != name and visit.layer.adapter_spec(n).init in ("pissa", "olora")
+            if n != name
+            and visit.layer.adapter_spec(n).init in ("pissa", "olora")
         ]
         merged = [n for n in visit.layer.merged_adapters if n != name]
         if others or (merged and first.method == "dora"):
-            _fail(
+            fail(
                 f"{verb}: layer '{visit.path}' has its kernel changed by "
                 f"adapter {(others or merged)[0]!r} (PiSSA/OLoRA residual or "
                 "merged), so a DoRA/PiSSA export would not match the original "
@@ -1005,14 +772,7 @@ def export_peft_adapter(
         target, entries, ranks, alphas, first, bias_policy, to_save,
         base_model_name_or_path, prefix,
     )
-    os.makedirs(os.fspath(path), exist_ok=True)
-    blob = safetensors.numpy.save(
-        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-        metadata={"format": "pt"},
-    )
-    _atomic_write(os.path.join(os.fspath(path), WEIGHTS_FILE), blob)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(os.fspath(path), CONFIG_FILE), text.encode("utf-8"))
+    peft_format.write_folder(os.fspath(path), config, tensors, verb)
     return path
 
 
@@ -1020,7 +780,7 @@ def _pick_adapter(model, state, name, verb):
     names = list(state.options)
     if name is not None:
         if name not in names:
-            _fail(
+            fail(
                 f"{verb}: model '{model.name}' has no adapter named {name!r}; "
                 f"it has {sorted(names)}."
             )
@@ -1029,7 +789,7 @@ def _pick_adapter(model, state, name, verb):
         return names[0]
     if len(state.active) == 1:
         return state.active[0]
-    _fail(
+    fail(
         f"{verb}: model '{model.name}' has adapters {sorted(names)}; pass "
         "name=... to choose the one to export."
     )
@@ -1038,7 +798,7 @@ def _pick_adapter(model, state, name, verb):
 def _export_prefix(target, module_prefix, verb):
     if module_prefix is not None:
         if module_prefix and not module_prefix.endswith("."):
-            _fail(
+            fail(
                 f"{verb}: module_prefix {module_prefix!r} must be empty or "
                 "end with '.' (like 'model.')."
             )
@@ -1046,7 +806,7 @@ def _export_prefix(target, module_prefix, verb):
     if target.backbone is target.model:
         return ""
     if target.task is None:
-        _fail(
+        fail(
             f"{verb}: no transformers counterpart is known for the task "
             f"{type(target.model).__name__}; pass module_prefix= (the "
             "backbone's module prefix in the transformers model, e.g. "
@@ -1065,21 +825,22 @@ def _export_kept(target, state, prefix, lora_modules, tensors, verb):
             continue
         hit = target.hf_name(kept, prefix)
         if hit is None or isinstance(layer, LowRankLayer):
-            _fail(
+            fail(
                 f"{verb}: layer '{kept}' trains fully (a task head or "
                 "adapt(trainable=...)), so PEFT would need it in "
                 "modules_to_save, but "
                 + (
                     "it also holds adapters"
                     if hit is not None
-                    else f"it has no counterpart in the {target.arch.name} table"
+                    else "it has no counterpart in the "
+                    f"{target.arch.name} table"
                 )
                 + ". Re-adapt with trainable=[] (or without this layer) "
                 "before exporting."
             )
         kind, module = hit
         if module in lora_modules:
-            _fail(f"{verb}: module '{module}' is both adapted and kept.")
+            fail(f"{verb}: module '{module}' is both adapted and kept.")
         if kind == "norm":
             tensors[f"{KEY_PREFIX}{module}.weight"] = _np(layer.gamma)
             tensors[f"{KEY_PREFIX}{module}.bias"] = _np(layer.beta)
@@ -1115,7 +876,7 @@ def _export_all_biases(target, prefix, lora_modules, to_save, tensors, verb):
             continue
         tensors[f"{KEY_PREFIX}{module}.bias"] = np.reshape(_np(bias), (-1,))
     if unmapped:
-        _fail(
+        fail(
             f"{verb}: the adapter trains every bias (bias='all'), but "
             f"layer(s) {_first(unmapped)} have no counterpart in the "
             f"{target.arch.name} table, so their biases cannot be written."
@@ -1220,19 +981,3 @@ def _number(value):
 def _np(variable):
     return np.asarray(keras.ops.convert_to_numpy(variable), dtype=np.float32)
 
-
-def _atomic_write(filename, data):
-    folder = os.path.dirname(filename) or "."
-    handle, temporary = tempfile.mkstemp(
-        prefix=os.path.basename(filename) + ".", suffix=".tmp", dir=folder
-    )
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, filename)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
