@@ -20,7 +20,9 @@ Only public Keras APIs are used: `register_keras_serializable`,
 """
 
 import keras
+import numpy as np
 
+from keras_lowrank import owned
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.spec import AdapterSpec
@@ -30,6 +32,7 @@ from keras_lowrank.walk import walk
 
 MANIFEST_FORMAT = 1
 REGISTERED_NAME = "keras_lowrank>AdaptedModel"
+_STASH_PREFIX = "lowrank_stash_"
 
 
 class ModelState:
@@ -37,21 +40,40 @@ class ModelState:
 
     Attributes:
         options: adapter name -> the JSON-ready options `adapt()` was called
-            with (rank, alpha, targets as given, bias policy, ...).
+            with (rank, alpha, targets as given, bias policy, ...), plus the
+            resolved `"layers"` it adapts, the `"kept"` layer paths it keeps
+            fully trainable and the `"owned"` weight keys it has its own copy
+            of (see `keras_lowrank.owned`).
         active: names of the active adapters, in order.
-        kept: paths of layers kept fully trainable (a task head, or the
-            user's `trainable=[...]`).
         frozen_before: paths of layers that were already frozen before the
             first `adapt()`; `unload` restores them.
         disabled: while True (inside `disable_adapters`), no adapter applies.
+        stash: owner (adapter name or `owned.BASE`) -> `{key: np.ndarray}`,
+            the owned values not currently in the model's variables.
+        holders: key -> the adapter whose value the variable holds now
+            (absent: the base model's).
     """
 
     def __init__(self):
         self.options = {}
         self.active = []
-        self.kept = []
         self.frozen_before = []
         self.disabled = False
+        self.stash = {}
+        self.holders = {}
+
+    @property
+    def kept(self):
+        """Paths of the layers that train fully now: those kept by the
+        active adapters (a task head, or the user's `trainable=[...]`)."""
+        out = []
+        if self.disabled:
+            return out
+        for name in self.active:
+            for path in self.options[name].get("kept", []):
+                if path not in out:
+                    out.append(path)
+        return out
 
 
 def state_of(model, required=True):
@@ -97,6 +119,39 @@ class AdaptedModel:
         if build_config is not None:
             inner["build_config"] = build_config
         return {"model": inner, "adapters": manifest(self)}
+
+    # The values adapters own but do not hold right now (their copies of a
+    # task head, say) live outside any Keras variable; they are written next
+    # to the model's own variables, under names no Keras layer uses, in the
+    # order the manifest's "stash" entry lists them.
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for i, (_, _, value) in enumerate(owned.stash_entries(state_of(self))):
+            store[f"{_STASH_PREFIX}{i}"] = value
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        own = {k: store[k] for k in keys if not k.startswith(_STASH_PREFIX)}
+        super().load_own_variables(own)
+        entries = owned.stash_entries(state_of(self))
+        stored = [k for k in keys if k.startswith(_STASH_PREFIX)]
+        if len(stored) != len(entries):
+            raise ValueError(
+                f"keras_lowrank: the weights file holds {len(stored)} stashed "
+                f"adapter value(s) but model '{self.name}' expects "
+                f"{len(entries)}; it was saved from a model with other "
+                "adapters. Load it into the model it was saved from."
+            )
+        for i, (owner, key, placeholder) in enumerate(entries):
+            value = np.asarray(store[f"{_STASH_PREFIX}{i}"])
+            if tuple(value.shape) != tuple(placeholder.shape):
+                raise ValueError(
+                    f"keras_lowrank: adapter {owner!r}'s copy of '{key}' has "
+                    f"shape {tuple(value.shape)} in the weights file but "
+                    f"{tuple(placeholder.shape)} in the model."
+                )
+            state_of(self).stash[owner][key] = np.array(value)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -178,6 +233,11 @@ def manifest(model):
         "kept": list(state.kept),
         "frozen_before": list(state.frozen_before),
         "layers": layers,
+        "holders": dict(state.holders),
+        "stash": [
+            [owner, key, list(value.shape), str(value.dtype)]
+            for owner, key, value in owned.stash_entries(state)
+        ],
     }
 
 
@@ -225,10 +285,19 @@ def restore(model, manifest_):
             layer.add_adapter(name, spec, restore=True)
         layer.restore_state(entry["active"], entry["merged"])
     state = ModelState()
-    state.options = dict(manifest_["options"])
+    state.options = {
+        name: dict(options) for name, options in manifest_["options"].items()
+    }
+    for options in state.options.values():
+        options.setdefault("kept", list(manifest_.get("kept", [])))
+        options.setdefault("owned", [])
     state.active = list(manifest_["active"])
-    state.kept = list(manifest_["kept"])
     state.frozen_before = list(manifest_.get("frozen_before", []))
+    state.holders = dict(manifest_.get("holders", {}))
+    # Placeholders of the right shapes; `AdaptedModel.load_own_variables`
+    # fills them from the weights file right after this.
+    for owner, key, shape, _ in manifest_.get("stash", []):
+        state.stash.setdefault(owner, {})[key] = np.zeros(shape, "float32")
     model._keras_lowrank = state
     mark_adapted(model)
     freezing.apply(model)
