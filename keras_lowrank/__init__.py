@@ -3,6 +3,8 @@
 See README.md for a quick start and docs/ for the guides.
 """
 
+from keras_lowrank.combine import Combination
+from keras_lowrank.combine import combine
 from keras_lowrank.layers import LowRankConv1D
 from keras_lowrank.layers import LowRankConv2D
 from keras_lowrank.layers import LowRankConv3D
