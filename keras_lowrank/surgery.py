@@ -141,7 +141,9 @@ def install(model, name, plan, record, seed=None, factors=None, owned_values=Non
         factors: `{path: {"A": array, "B": array, ...}}`: values for the
             factors, in the layers' stored layouts; `None` initialises them.
         owned_values: `{key: array}`: the adapter's copies of the weights it
-            owns; missing keys start as copies of the base model's values.
+            owns (the record's `"owned"` keys, computed from `"kept"` and
+            `"bias"` when absent); missing keys start as copies of the base
+            model's values.
     """
     state = state_of(model, required=False)
     if state is not None and name in state.options:
@@ -151,8 +153,12 @@ def install(model, name, plan, record, seed=None, factors=None, owned_values=Non
             "keras_lowrank.delete_adapter(model, name) first."
         )
     _check_activatable(model, [name])
-    keys = owned.keys_for(model, record["kept"], record["bias"], record["layers"])
-    record = {**record, "owned": keys}
+    keys = record.get("owned")
+    if keys is None:
+        keys = owned.keys_for(
+            model, record["kept"], record["bias"], record["layers"]
+        )
+        record = {**record, "owned": keys}
     variables = []
     if state is not None:
         variables = list(owned.resolve(model, owned.all_keys(state)).values())
@@ -332,16 +338,21 @@ def _kept_paths(model, trainable, plan):
     quietly leaves out layers that hold adapters; an explicit `trainable`
     entry that does is an error.
     """
-    adapted = [visit.path for visit, _ in plan] + [
-        v.path for v in adapted_visits(model)
-    ]
     if trainable is None:
+        adapted = _adapted_paths(model, plan)
         layers = {id(layer) for layer in targeting.default_trainable_layers(model)}
         paths = [v.path for v in walk(model) if id(v.layer) in layers]
         return [
             p for p in paths if not any(owned.is_under(q, p) for q in adapted)
         ]
     paths = [visit.path for visit in targeting.select_any_layers(model, trainable)]
+    _check_kept_paths(model, paths, plan)
+    return paths
+
+
+def _check_kept_paths(model, paths, plan):
+    """Raises if a layer to keep trainable holds or contains adapters."""
+    adapted = _adapted_paths(model, plan)
     for path in paths:
         for other in adapted:
             if owned.is_under(other, path):
@@ -351,18 +362,23 @@ def _kept_paths(model, trainable, plan):
                     "layer either trains fully or gets an adapter: remove it "
                     "from `trainable` or from `targets`."
                 )
-    return paths
+
+
+def _adapted_paths(model, plan):
+    return [visit.path for visit, _ in plan] + [
+        v.path for v in adapted_visits(model)
+    ]
 
 
 def _check_activatable(model, names):
     """Raises if making exactly `names` active would switch off an adapter
     that is merged into a kernel."""
-    for layer in adapted_layers(model):
-        stuck = [n for n in layer.merged_adapters if n not in names]
+    for visit in adapted_visits(model):
+        stuck = [n for n in visit.layer.merged_adapters if n not in names]
         if stuck:
             raise ValueError(
                 f"keras_lowrank: adapter {stuck[0]!r} is merged into layer "
-                f"'{layer.path}'; call keras_lowrank.unmerge(model) before "
+                f"'{visit.path}'; call keras_lowrank.unmerge(model) before "
                 "switching it off."
             )
 
