@@ -323,3 +323,159 @@ def test_trainable_layers_and_adapted_layers_do_not_overlap():
         kl.adapt(model, rank=2, name="b", targets=["out"])
     with pytest.raises(ValueError, match="already has an adapter named 'a'"):
         kl.adapt(model, rank=2, name="a", targets=["d2"])
+
+
+# --- combine ---------------------------------------------------------------------
+
+
+def combine_model(rank_b=2):
+    """d1: a only; e (EinsumDense with a batch axis): a and b; out: b only."""
+    model = keras.Sequential(
+        [
+            keras.Input((3, 8)),
+            keras.layers.Dense(6, name="d1"),
+            keras.layers.EinsumDense("abc,bcd->abd", (3, 5), name="e"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(4, name="out"),
+        ],
+        name="combine_model",
+    )
+    kl.adapt(model, rank=2, alpha=4, name="a", targets=["d1", "e"], seed=1)
+    kl.adapt(model, rank=rank_b, name="b", targets=["e", "out"], seed=2)
+    randomize(model)
+    return model
+
+
+WEIGHTS = {"a": 0.7, "b": -0.4}
+
+
+def weighted_target(layer):
+    return sum(
+        w * delta(layer, n) for n, w in WEIGHTS.items() if n in layer.adapter_names
+    )
+
+
+def linear_closed_form(layer):
+    a_side, b_side = 0, 0
+    layout = layer.lowrank_layout
+    for name, weight in WEIGHTS.items():
+        if name not in layer.adapter_names:
+            continue
+        spec = layer.adapter_spec(name)
+        c = weight * spec.scale
+        variables = layer.adapter_variables(name)
+        a = to_np(variables["A"]).reshape(layout.batch_shape + (layout.d, spec.rank))
+        b = to_np(variables["B"]).reshape(layout.batch_shape + (spec.rank, layout.k))
+        a_side = a_side + np.sign(c) * np.sqrt(abs(c)) * a
+        b_side = b_side + np.sqrt(abs(c)) * b
+    return a_side.astype("float64") @ b_side.astype("float64")
+
+
+def relative(x, y):
+    return np.linalg.norm(x - y) / np.linalg.norm(y)
+
+
+@pytest.mark.parametrize("how", ["linear", "cat", "svd"])
+def test_combine_matches_the_closed_form(how):
+    model = combine_model()
+    names, weights = list(WEIGHTS), list(WEIGHTS.values())
+    result = kl.combine(model, names, weights, "mix", how=how, rank=1 if how == "svd" else None)
+    assert isinstance(result, kl.Combination)
+    assert model._keras_lowrank.active == ["mix"]
+    assert result.name == "mix" and result.sources == ("a", "b")
+    assert list(result.ranks) == ["d1", "e", "out"]
+    for path in ("d1", "e", "out"):
+        layer = model.get_layer(path)
+        spec = layer.adapter_spec("mix")
+        assert (spec.alpha, spec.scaling, spec.method) == (spec.rank, "standard", "lora")
+        got = delta(layer, "mix")
+        target = weighted_target(layer)
+        if how == "linear":
+            expected = linear_closed_form(layer)
+            assert spec.rank == 2
+        elif how == "cat":
+            expected = target
+            assert spec.rank == {"d1": 2, "e": 4, "out": 2}[path]
+        else:
+            # Eckart–Young, per batch entry of the kernel's matrix form.
+            u, s, vt = np.linalg.svd(target, full_matrices=False)
+            expected = (u[..., :, :1] * s[..., None, :1]) @ vt[..., :1, :]
+            assert spec.rank == 1
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+        assert result.errors[path] == pytest.approx(relative(got, target), abs=1e-5)
+    # A layer holding a single adapter: linear and cat are exact there.
+    if how != "svd":
+        assert result.errors["d1"] < 1e-6 and result.errors["out"] < 1e-6
+    if how == "linear":
+        assert result.errors["e"] > 0.1  # the cross terms
+    if how == "svd":
+        assert 0.05 < result.errors["e"] < 1.0
+    assert "relative error" in str(result) and result.max_error == max(result.errors.values())
+
+
+def test_combine_cat_with_unit_weights_equals_both_adapters_active():
+    model = combine_model(rank_b=3)
+    x = np.random.default_rng(3).normal(size=(5, 3, 8)).astype("float32")
+    kl.set_adapter(model, ["a", "b"])
+    both = predict(model, x)
+    kl.combine(model, ["a", "b"], [1.0, 1.0], "sum", how="cat")
+    np.testing.assert_allclose(predict(model, x), both, atol=1e-5)
+    assert {v.path.split("/")[-1] for v in model.trainable_variables} == {
+        "lowrank_A_sum",
+        "lowrank_B_sum",
+    }
+
+
+def test_combine_errors():
+    model = combine_model(rank_b=3)
+    with pytest.raises(ValueError, match=re.escape(
+        "layer 'e': how='linear' needs adapters of the same rank, but 'a' has "
+        "rank 2, 'b' has rank 3. Use how='cat' (exact) or how='svd' (any rank)."
+    )):
+        kl.combine(model, ["a", "b"], [1, 1], "mix")
+    with pytest.raises(ValueError, match=r"has no adapter named 'z'; it has \['a', 'b'\]"):
+        kl.combine(model, ["a", "z"], [1, 1], "mix")
+    with pytest.raises(ValueError, match="repeated adapter name"):
+        kl.combine(model, ["a", "a"], [1, 1], "mix", how="cat")
+    with pytest.raises(ValueError, match=re.escape("weights must be 2 finite number(s), one per adapter")):
+        kl.combine(model, ["a", "b"], [1], "mix", how="cat")
+    with pytest.raises(ValueError, match="weights must be 2 finite number"):
+        kl.combine(model, ["a", "b"], [1, float("nan")], "mix", how="cat")
+    with pytest.raises(ValueError, match=r"rank=4 only applies to how='svd'"):
+        kl.combine(model, ["a", "b"], [1, 1], "mix", how="cat", rank=4)
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        kl.combine(model, ["a", "b"], [1, 1], "mix", how="svd", rank=0)
+    with pytest.raises(ValueError, match=r"unknown combination how='ties'"):
+        kl.combine(model, ["a", "b"], [1, 1], "mix", how="ties")
+    with pytest.raises(ValueError, match="already has an adapter named 'a'. Choose another name"):
+        kl.combine(model, ["a", "b"], [1, 1], "a", how="cat")
+    with pytest.raises(ValueError, match="adapter name 'm/x' is not valid"):
+        kl.combine(model, ["a", "b"], [1, 1], "m/x", how="cat")
+    kl.set_adapter(model, "a")
+    kl.merge(model)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter 'a' is merged into layer 'd1'; call keras_lowrank.unmerge"):
+        kl.combine(model, ["a", "b"], [1, 1], "mix", how="cat")
+    assert_same_snapshot(before, model_snapshot(model))
+    kl.unmerge(model)
+    kl.adapt(model, rank=2, name="d", targets=["d1"], method="dora")
+    with pytest.raises(ValueError, match=re.escape(
+        "layer 'd1': adapter 'd' uses method='dora'; its update is not a "
+        "low-rank product A·B, so it cannot be combined"
+    )):
+        kl.combine(model, ["a", "d"], [1, 1], "mix", how="cat")
+
+
+def test_a_combination_owns_the_first_adapters_head_values():
+    model = mlp()
+    out = model.get_layer("out")
+    kl.adapt(model, rank=2, name="a", targets=["d1"], trainable=["out"])
+    out.kernel.assign(to_np(out.kernel) + 1.0)
+    head_a = to_np(out.kernel).copy()
+    kl.adapt(model, rank=2, name="b", targets=["d1"], trainable=["out"])
+    kl.combine(model, ["a", "b"], [0.5, 0.5], "mix")
+    assert model._keras_lowrank.options["mix"]["owned"] == ["out/kernel", "out/bias"]
+    np.testing.assert_array_equal(to_np(out.kernel), head_a)
+    assert model._keras_lowrank.options["mix"]["combined"] == {
+        "from": ["a", "b"], "weights": [0.5, 0.5], "how": "linear", "rank": None
+    }
