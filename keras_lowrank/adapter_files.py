@@ -143,7 +143,7 @@ def save_adapter(model, path, name=None):
         "tensors_sha256": _digest(tensors),
     }
     data = safetensors_numpy.save(
-        tensors, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)}
+        tensors, metadata={METADATA_KEY: json.dumps(config)}
     )
     _atomic_write(os.fspath(path), data)
     return path
