@@ -11,6 +11,7 @@ fresh optimizer of the same configuration (see
 """
 
 import contextlib
+import gc
 
 from keras_lowrank import freezing
 from keras_lowrank import owned
@@ -233,4 +234,5 @@ def delete_adapter(model, name):
     else:
         freezing.apply(model)
     freezing.refresh_optimizer(model, before)
+    gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
     return model

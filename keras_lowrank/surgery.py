@@ -6,6 +6,7 @@ all-or-nothing: every check runs before the first change, and a failure
 half-way rolls every change back.
 """
 
+import gc
 import numbers
 
 import keras
@@ -234,6 +235,7 @@ def unload(model):
     unmark_adapted(model)
     del model._keras_lowrank
     restore_plain_trainability(model, state)
+    gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
     return model
 
 
