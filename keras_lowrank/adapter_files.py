@@ -31,6 +31,7 @@ from the file runs. (PEFT folders: see `load_peft_adapter`.)
 import hashlib
 import json
 import os
+import re
 import tempfile
 
 import keras
@@ -161,6 +162,11 @@ def load_adapter(model, path, name=None):
       layers and options: replaces its values (a merged adapter is re-merged
       with its new values); which adapters are active does not change.
 
+    Layers are found by path, the chain of layer names. A name Keras
+    numbered automatically may differ in this session (`bert_backbone_1`
+    for a preset loaded a second time): a missing path component matches
+    the one sibling that differs from it only by such a number.
+
     All-or-nothing: the whole file is read and checked against the model
     before anything changes. A missing, truncated or corrupt file, an unknown
     format version, a file for another architecture (a layer path the model
@@ -180,23 +186,29 @@ def load_adapter(model, path, name=None):
     Example:
 
     >>> import keras, keras_lowrank, numpy as np, os, tempfile
-    >>> def build():
+    >>> def build():  # explicit names: the same paths in every model
     ...     keras.utils.set_random_seed(0)
-    ...     return keras.Sequential([keras.Input((8,)), keras.layers.Dense(8),
-    ...                              keras.layers.Dense(2)])
+    ...     return keras.Sequential([keras.Input((8,)),
+    ...                              keras.layers.Dense(8, name="hidden"),
+    ...                              keras.layers.Dense(2, name="out")])
     >>> model = keras_lowrank.adapt(build(), rank=2, name="task")
     >>> path = os.path.join(tempfile.mkdtemp(), "task.safetensors")
     >>> _ = keras_lowrank.save_adapter(model, path)
     >>> fresh = keras_lowrank.load_adapter(build(), path)
-    >>> fresh.layers[0].adapter_names
+    >>> fresh.get_layer("hidden").adapter_names
     ['task']
+    >>> x = np.ones((1, 8), "float32")
+    >>> bool(np.allclose(fresh(x), model(x), atol=1e-6))
+    True
     """
     config, tensors = _read(path)
     file = os.fspath(path)
     name = config["name"] if name is None else name
     check_adapter_name(name)
-    plan, factors = _match_layers(model, config, tensors, file)
-    values = _match_owned(model, config, tensors, file)
+    paths = _PathMap(model, config, file)
+    plan, factors = _match_layers(model, config, tensors, file, paths)
+    values = _match_owned(model, config, tensors, file, paths)
+    kept = [paths.require(path) for path in config["kept"]]
     state = state_of(model, required=False)
     if state is not None and name in state.options:
         _replace_values(model, state, name, plan, factors, values, config, file)
@@ -206,11 +218,11 @@ def load_adapter(model, path, name=None):
     from keras_lowrank.surgery import install
 
     _check_plan(model, plan, name)
-    _check_kept_paths(model, config["kept"], plan)
+    _check_kept_paths(model, kept, plan)
     record = dict(config["adapter"])
     record["layers"] = [visit.path for visit, _ in plan]
-    record["kept"] = list(config["kept"])
-    record["owned"] = list(config["owned"])
+    record["kept"] = kept
+    record["owned"] = list(values)
     install(model, name, plan, record, factors=factors, owned_values=values)
     return model
 
@@ -393,10 +405,9 @@ def _read(path):
     return config, tensors
 
 
-def _match_layers(model, config, tensors, file):
+def _match_layers(model, config, tensors, file, paths):
     """Checks the file's layers against `model`; returns the install plan
-    `[(visit, spec)]` and the factors `{path: {key: array}}`."""
-    visits = {visit.path: visit for visit in walk(model)}
+    `[(visit, spec)]` and the factors `{model path: {key: array}}`."""
     recorded = {path: entry["kernel_shape"] for path, entry in config["layers"].items()}
     if fingerprint(recorded) != config["fingerprint"]:
         raise ValueError(
@@ -406,11 +417,11 @@ def _match_layers(model, config, tensors, file):
         )
     actual = {}
     for path, entry in config["layers"].items():
-        visit = visits.get(path)
+        visit = paths.visit(path)
         cls = adapter_class_for(visit.layer) if visit is not None else None
         if visit is None or cls is None or not visit.layer.built:
             why = (
-                f"model '{model.name}' has no layer '{path}'"
+                f"model '{model.name}' has no layer '{path}'{paths.hint(path)}"
                 if visit is None
                 else f"layer '{path}' is a {type(visit.layer).__name__}, which "
                 "cannot hold adapters"
@@ -434,7 +445,7 @@ def _match_layers(model, config, tensors, file):
             raise _architecture_error(file, model, why, config, actual)
     plan, factors = [], {}
     for path, entry in config["layers"].items():
-        visit = visits[path]
+        visit = paths.visit(path)
         cls = adapter_class_for(visit.layer)
         try:
             spec = AdapterSpec.from_config(entry["spec"])
@@ -464,7 +475,7 @@ def _match_layers(model, config, tensors, file):
                 )
             values[key] = value.astype("float32")
         plan.append((visit, spec))
-        factors[path] = values
+        factors[visit.path] = values
     return plan, factors
 
 
@@ -477,11 +488,14 @@ def _architecture_error(file, model, why, config, actual):
     )
 
 
-def _match_owned(model, config, tensors, file):
-    """`{key: array}` of the owned values, checked against `model`."""
-    keys = list(config["owned"])
+def _match_owned(model, config, tensors, file, paths):
+    """`{model key: array}` of the owned values, checked against `model`."""
+    keys = {}
+    for key in config["owned"]:
+        layer_path, _, weight = key.rpartition("/")
+        keys[key] = f"{paths.require(layer_path)}/{weight}"
     try:
-        variables = owned.resolve(model, keys)
+        variables = owned.resolve(model, list(keys.values()))
     except ValueError as error:
         raise ValueError(
             f"keras_lowrank: adapter file '{file}' does not fit model "
@@ -496,18 +510,103 @@ def _match_owned(model, config, tensors, file):
                 f"owned weight '{key}'; the file is incomplete."
             )
         value = tensors[tensor]
-        expected = tuple(variables[key].shape)
-        if tuple(value.shape) != expected:
+        variable = variables[keys[key]]
+        if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(
                 f"keras_lowrank: adapter file '{file}': shape mismatch for "
-                f"'{key}': {tuple(value.shape)} in the file, {expected} in "
-                "the model."
+                f"'{key}': {tuple(value.shape)} in the file, "
+                f"{tuple(variable.shape)} in the model."
             )
-        dtype = keras.backend.standardize_dtype(variables[key].dtype)
-        values[key] = np.asarray(keras.ops.convert_to_numpy(
-            keras.ops.cast(value, dtype)
-        ))
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        values[keys[key]] = np.asarray(
+            keras.ops.convert_to_numpy(keras.ops.cast(value, dtype))
+        )
     return values
+
+
+class _PathMap:
+    """Finds the model's layer for each layer path recorded in a file.
+
+    Paths are chains of layer names. Keras numbers the names it makes up per
+    session: a KerasHub preset loaded twice in one process has a
+    `bert_backbone` and then a `bert_backbone_1`. So a path component that
+    is missing matches the one sibling whose name differs from it only by
+    such a number (`_<digits>` at the end, or none); several candidates match
+    none (give your layers explicit names then). Two file paths may not end
+    on the same layer.
+    """
+
+    def __init__(self, model, config, file):
+        self.file = file
+        self.model = model
+        self.visits = {visit.path: visit for visit in walk(model)}
+        self.children = {}
+        for path in self.visits:
+            parent, _, name = path.rpartition("/")
+            self.children.setdefault(parent, []).append(name)
+        self.cache = {"": ""}
+        self.ambiguous = {}
+        seen = {}
+        for path in list(config["layers"]) + list(config["kept"]) + [
+            key.rpartition("/")[0] for key in config["owned"]
+        ]:
+            found = self.find(path)
+            if found is not None and seen.setdefault(found, path) != path:
+                raise ValueError(
+                    f"keras_lowrank: adapter file '{file}' does not fit model "
+                    f"'{model.name}': its layers '{seen[found]}' and '{path}' "
+                    f"would both be layer '{found}'. Give the layers explicit "
+                    "names, identical to the ones the adapter was saved with."
+                )
+
+    def find(self, path):
+        """The model path for the file's `path`, or `None`."""
+        if path in self.cache:
+            return self.cache[path]
+        parent, _, name = path.rpartition("/")
+        found = self.find(parent)
+        if found is not None:
+            siblings = self.children.get(found, [])
+            if name not in siblings:
+                stem = _stem(name)
+                matches = [s for s in siblings if _stem(s) == stem]
+                if len(matches) > 1:
+                    self.ambiguous[path] = matches
+                name = matches[0] if len(matches) == 1 else None
+            if name is not None:
+                found = f"{found}/{name}" if found else name
+            else:
+                found = None
+        self.cache[path] = found
+        return found
+
+    def visit(self, path):
+        found = self.find(path)
+        return None if found is None else self.visits[found]
+
+    def require(self, path):
+        found = self.find(path)
+        if found is None:
+            raise ValueError(
+                f"keras_lowrank: adapter file '{self.file}' does not fit "
+                f"model '{self.model.name}': model '{self.model.name}' has no "
+                f"layer '{path}'{self.hint(path)}."
+            )
+        return found
+
+    def hint(self, path):
+        for missing, matches in self.ambiguous.items():
+            if path == missing or path.startswith(missing + "/"):
+                return (
+                    f" ('{missing.rpartition('/')[2]}' could be any of "
+                    f"{sorted(matches)}: Keras numbered these automatically; "
+                    "give the layers explicit names)"
+                )
+        return ""
+
+
+def _stem(name):
+    return re.sub(r"_\d+$", "", name)
 
 
 def _replace_values(model, state, name, plan, factors, values, config, file):

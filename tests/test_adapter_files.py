@@ -143,6 +143,47 @@ def test_dora_and_keras_hub_adapters_round_trip(tmp_path):
     np.testing.assert_allclose(run(fresh, x), run(model, x), atol=1e-6)
 
 
+def test_layers_keras_numbered_differently_are_found(tmp_path):
+    import keras_hub
+
+    def classifier():  # no explicit names: Keras numbers the backbone
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+            intermediate_dim=16, max_sequence_length=8,
+        )
+        return keras_hub.models.BertTextClassifier(
+            backbone=backbone, num_classes=2, preprocessor=None
+        )
+
+    x = bert_inputs()
+    model = classifier()
+    kl.adapt(model, rank=2, name="task")
+    randomize(model)
+    path = str(tmp_path / "task.safetensors")
+    kl.save_adapter(model, path)
+    second = classifier()  # same session: its backbone is "bert_backbone_1"
+    assert second.backbone.name != model.backbone.name
+    kl.load_adapter(second, path)
+    np.testing.assert_allclose(run(second, x), run(model, x), atol=1e-6)
+    assert second._keras_lowrank.options["task"]["layers"][0].startswith(
+        second.backbone.name + "/"
+    )
+
+    # Several candidates: no guessing.
+    plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    kl.adapt(plain, rank=2, targets=[plain.layers[0].name])
+    kl.save_adapter(plain, path)
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    before = model_snapshot(other)
+    with pytest.raises(ValueError, match=re.escape(
+        "could be any of ['dense_2', 'dense_3']: Keras numbered these "
+        "automatically; give the layers explicit names)"
+    )):
+        kl.load_adapter(other, path)
+    assert_same_snapshot(before, model_snapshot(other))
+
+
 # --- what the file holds -----------------------------------------------------------
 
 
@@ -265,8 +306,11 @@ def _rank3_a(tensors):
     tensors["d1/A"] = np.zeros((8, 3), "float32")
 
 
-def _bad_owned(config):
-    config["owned"]["nope/kernel"] = config["owned"].pop("out/kernel")
+def _owned_key(new):
+    def change(config):
+        config["owned"][new] = config["owned"].pop("out/kernel")
+
+    return change
 
 
 BAD_FILES = {
@@ -318,8 +362,13 @@ BAD_FILES = {
         "layer 'd2' has no tensor for 'B'; the file is incomplete",
     ),
     "owned weight": (
-        lambda p, g, t: rewrite(p, t, _bad_owned), ValueError,
-        "does not fit model 'mlp': the model has no weight 'nope/kernel'",
+        lambda p, g, t: rewrite(p, t, _owned_key("out/gamma")), ValueError,
+        "does not fit model 'mlp': the model has no weight 'out/gamma' "
+        r"\(layer 'out'\)",
+    ),
+    "owned layer": (
+        lambda p, g, t: rewrite(p, t, _owned_key("nope/kernel")), ValueError,
+        "does not fit model 'mlp': model 'mlp' has no layer 'nope'",
     ),
 }
 
