@@ -236,8 +236,8 @@ def relative_error(approx, target):
     (0.0 when both are zero)."""
     approx = ops.cast(approx, "float32")
     target = ops.cast(target, "float32")
-    diff = float(ops.sqrt(ops.sum(ops.square(approx - target))))
-    norm = float(ops.sqrt(ops.sum(ops.square(target))))
+    diff = float(ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(approx - target)))))
+    norm = float(ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(target)))))
     if norm == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return diff / norm

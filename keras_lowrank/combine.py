@@ -104,14 +104,17 @@ def combine(model, names, weights, name, how="linear", rank=None):
     Example:
 
     >>> import keras, keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8),
-    ...                           keras.layers.Dense(2)])
+    >>> model = keras.Sequential([keras.Input((8,)),
+    ...                           keras.layers.Dense(8, name="hidden"),
+    ...                           keras.layers.Dense(2, name="out")])
     >>> _ = keras_lowrank.adapt(model, rank=2, name="a")
     >>> _ = keras_lowrank.adapt(model, rank=2, name="b")
     >>> mix = keras_lowrank.combine(model, ["a", "b"], [0.5, 0.5], "mix",
     ...                             how="cat")
-    >>> mix.ranks, model.layers[0].active_adapters
-    ({'dense': 4}, ['mix'])
+    >>> mix.ranks, model.get_layer("hidden").active_adapters
+    ({'hidden': 4}, ['mix'])
+    >>> mix.errors["hidden"] < 1e-6
+    True
     """
     state = state_of(model)
     check_adapter_name(name)

@@ -210,7 +210,8 @@ def unload(model):
     """Merges the active adapters and turns every adapted layer back into its
     plain Keras class, in place; returns `model`.
 
-    Inactive adapters are discarded. The result holds no keras_lowrank class:
+    Inactive adapters are discarded; layers and biases adapters own keep the
+    active adapter's values. The result holds no keras_lowrank class:
     its `.keras` file loads where keras_lowrank is not installed, with the
     same outputs as the adapted model. Layers that were frozen before the
     first `adapt()` are frozen again; everything else is trainable.
@@ -225,6 +226,7 @@ def unload(model):
     'Dense'
     """
     state = state_of(model)
+    before = freezing.trainable_ids(model)
     layers = adapted_layers(model)
     for layer in layers:
         layer.merge()
@@ -235,6 +237,7 @@ def unload(model):
     unmark_adapted(model)
     del model._keras_lowrank
     restore_plain_trainability(model, state)
+    freezing.refresh_optimizer(model, before)
     gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
     return model
 
