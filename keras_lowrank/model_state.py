@@ -19,6 +19,8 @@ Only public Keras APIs are used: `register_keras_serializable`,
 `get_custom_objects`, `get_registered_name`, `deserialize_keras_object`.
 """
 
+import urllib.parse
+
 import keras
 import numpy as np
 
@@ -32,7 +34,7 @@ from keras_lowrank.walk import walk
 
 MANIFEST_FORMAT = 1
 REGISTERED_NAME = "keras_lowrank>AdaptedModel"
-_STASH_PREFIX = "lowrank_stash_"
+_STASH_PREFIX = "lowrank_stash:"
 
 
 class ModelState:
@@ -121,37 +123,35 @@ class AdaptedModel:
         return {"model": inner, "adapters": manifest(self)}
 
     # The values adapters own but do not hold right now (their copies of a
-    # task head, say) live outside any Keras variable; they are written next
-    # to the model's own variables, under names no Keras layer uses, in the
-    # order the manifest's "stash" entry lists them.
+    # task head, say) live outside any Keras variable. They are written next
+    # to the model's own variables, each under a name that says whose copy of
+    # which weight it is ("lowrank_stash:<owner>:<quoted key>"); no Keras
+    # layer uses such names.
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
-        for i, (_, _, value) in enumerate(owned.stash_entries(state_of(self))):
-            store[f"{_STASH_PREFIX}{i}"] = value
+        for owner, key, value in owned.stash_entries(state_of(self)):
+            store[_stash_name(owner, key)] = value
 
     def load_own_variables(self, store):
         keys = list(store.keys())
         own = {k: store[k] for k in keys if not k.startswith(_STASH_PREFIX)}
         super().load_own_variables(own)
-        entries = owned.stash_entries(state_of(self))
-        stored = [k for k in keys if k.startswith(_STASH_PREFIX)]
-        if len(stored) != len(entries):
-            raise ValueError(
-                f"keras_lowrank: the weights file holds {len(stored)} stashed "
-                f"adapter value(s) but model '{self.name}' expects "
-                f"{len(entries)}; it was saved from a model with other "
-                "adapters. Load it into the model it was saved from."
-            )
-        for i, (owner, key, placeholder) in enumerate(entries):
-            value = np.asarray(store[f"{_STASH_PREFIX}{i}"])
-            if tuple(value.shape) != tuple(placeholder.shape):
-                raise ValueError(
-                    f"keras_lowrank: adapter {owner!r}'s copy of '{key}' has "
-                    f"shape {tuple(value.shape)} in the weights file but "
-                    f"{tuple(placeholder.shape)} in the model."
-                )
-            state_of(self).stash[owner][key] = np.array(value)
+        stored = {
+            _stash_entry(k): np.asarray(store[k])
+            for k in keys
+            if k.startswith(_STASH_PREFIX)
+        }
+        state = state_of(self)
+        stash, holders = owned.stash_from_entries(self, state, stored)
+        state.stash, state.holders = stash, holders
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        # The file's variables hold the values of the adapters that were
+        # active when it was saved; swap in those of the adapters active now.
+        result = super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        owned.sync(self, state_of(self))
+        return result
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -208,6 +208,15 @@ def unmark_adapted(model):
 
 
 # --- manifest ---------------------------------------------------------------
+
+
+def _stash_name(owner, key):
+    return f"{_STASH_PREFIX}{owner}:{urllib.parse.quote(key, safe='')}"
+
+
+def _stash_entry(name):
+    owner, _, key = name[len(_STASH_PREFIX):].partition(":")
+    return owner, urllib.parse.unquote(key)
 
 
 def manifest(model):
@@ -295,7 +304,7 @@ def restore(model, manifest_):
     state.frozen_before = list(manifest_.get("frozen_before", []))
     state.holders = dict(manifest_.get("holders", {}))
     # Placeholders of the right shapes; `AdaptedModel.load_own_variables`
-    # fills them from the weights file right after this.
+    # replaces them with the weights file's values right after this.
     for owner, key, shape, _ in manifest_.get("stash", []):
         state.stash.setdefault(owner, {})[key] = np.zeros(shape, "float32")
     model._keras_lowrank = state

@@ -235,6 +235,63 @@ def stash_entries(state):
     ]
 
 
+def stash_from_entries(model, state, entries):
+    """The stash and holders described by `entries` (`{(owner, key): array}`,
+    the stashed values read from a weights file), checked against `state`.
+
+    For each owned weight, every owner (its adapters and `BASE`) but one has
+    a stashed value; the missing one held the variable when the file was
+    written, and holds it again once the file's variables are loaded.
+
+    Raises:
+        ValueError: the entries do not fit the adapters of `state`.
+    """
+    owners = {}
+    for name, options in state.options.items():
+        for key in options.get("owned", []):
+            owners.setdefault(key, [BASE]).append(name)
+    unknown = sorted(set(entries) - {(o, k) for k, os_ in owners.items() for o in os_})
+    if unknown:
+        owner, key = unknown[0]
+        raise ValueError(
+            f"keras_lowrank: the weights file holds {owner!r}'s copy of "
+            f"'{key}', which model '{model.name}' has no use for; it was saved "
+            "from a model with other adapters. Load it into a model adapted "
+            "the same way."
+        )
+    variables = resolve(model, list(owners))
+    stash, holders = {}, {}
+    for key, candidates in owners.items():
+        missing = [o for o in candidates if (o, key) not in entries]
+        if len(missing) != 1:
+            why = (
+                f"lacks the copies of '{key}' of {missing}"
+                if missing
+                else f"holds a copy of '{key}' for each of its owners here "
+                f"({candidates}), so its variable holds the value of an "
+                "adapter this model does not have"
+            )
+            raise ValueError(
+                f"keras_lowrank: the weights file {why}; it was saved from a "
+                f"model with other adapters than model '{model.name}'. Load it "
+                "into a model adapted the same way."
+            )
+        if missing[0] != BASE:
+            holders[key] = missing[0]
+        for owner in candidates:
+            if owner == missing[0]:
+                continue
+            value = np.array(entries[(owner, key)])
+            if tuple(value.shape) != tuple(variables[key].shape):
+                raise ValueError(
+                    f"keras_lowrank: {owner!r}'s copy of '{key}' has shape "
+                    f"{tuple(value.shape)} in the weights file but the model's "
+                    f"weight has shape {tuple(variables[key].shape)}."
+                )
+            stash.setdefault(owner, {})[key] = value
+    return stash, holders
+
+
 def _layer_path(key):
     return key.rsplit("/", 1)[0]
 

@@ -306,6 +306,49 @@ def test_bias_policies_give_each_adapter_its_own_biases():
         kl.set_adapter(model, ["a", "b"])
 
 
+def test_owned_values_survive_keras_and_weights_files(tmp_path):
+    model = mlp()
+    kl.adapt(model, rank=2, name="a", targets=["d1"], bias="all", trainable=["out"])
+    randomize(model)
+    model.get_layer("out").kernel.assign(to_np(model.get_layer("out").kernel) + 1)
+    kl.adapt(model, rank=2, name="b", targets=["d1", "d2"], bias="lora_only")
+    randomize(model, seed=3)
+    model.get_layer("d2").bias.assign(np.full((16,), 0.5, "float32"))
+    expected = {}
+    for name in ("a", "b"):
+        kl.set_adapter(model, name)
+        expected[name] = predict(model)
+    model.save(str(tmp_path / "m.keras"))  # saved with "b" active
+    model.save_weights(str(tmp_path / "m.weights.h5"))
+    loaded = kl.load_model(str(tmp_path / "m.keras"))
+    for name in ("b", "a"):
+        kl.set_adapter(loaded, name)
+        np.testing.assert_allclose(predict(loaded), expected[name], atol=1e-6)
+    # load_weights while another adapter is active: the values follow.
+    loaded.load_weights(str(tmp_path / "m.weights.h5"))
+    assert loaded._keras_lowrank.active == ["a"]
+    np.testing.assert_allclose(predict(loaded), expected["a"], atol=1e-6)
+    kl.set_adapter(loaded, "b")
+    np.testing.assert_allclose(predict(loaded), expected["b"], atol=1e-6)
+    # A weights file from a model adapted otherwise is refused.
+    other = mlp()
+    kl.adapt(other, rank=2, name="a", targets=["d1"], bias="all", trainable=["out"])
+    kl.adapt(other, rank=2, name="b", targets=["d1", "d2"])
+    with pytest.raises(ValueError, match=re.escape(
+        "the weights file holds a copy of 'd1/bias' for each of its owners "
+        "here (['(base)', 'a']), so its variable holds the value of an adapter "
+        "this model does not have; it was saved from a model with other "
+        "adapters than model 'mlp'"
+    )):
+        other.load_weights(str(tmp_path / "m.weights.h5"))
+    kl.delete_adapter(other, "a")
+    with pytest.raises(ValueError, match=re.escape(
+        "the weights file holds '(base)''s copy of 'd1/bias', which model "
+        "'mlp' has no use for; it was saved from a model with other adapters"
+    )):
+        other.load_weights(str(tmp_path / "m.weights.h5"))
+
+
 def test_trainable_layers_and_adapted_layers_do_not_overlap():
     model = mlp()
     with pytest.raises(ValueError, match=re.escape(
