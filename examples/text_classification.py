@@ -153,25 +153,15 @@ def main(argv=None):
     reloaded = keras_lowrank.load_model(keras_path)
     print(f"reloaded .keras (keras_lowrank.load_model): accuracy "
           f"{accuracy(reloaded, test_x, test_y, 64):.4f}")
-    adapter_path = os.path.join(args.out, "tweets.adapter")
+    adapter_path = os.path.join(args.out, "tweets.safetensors")
     keras_lowrank.save_adapter(model, adapter_path)
-    size = _size(adapter_path)
+    size = os.path.getsize(adapter_path)
     print(f"saved adapter {adapter_path} ({size / 2**10:.0f} KiB)")
     fresh = load_classifier(args.sequence_length)
     keras_lowrank.load_adapter(fresh, adapter_path)
     print(f"adapter loaded into a fresh base model: accuracy "
           f"{accuracy(fresh, test_x, test_y, 64):.4f}")
     return after
-
-
-def _size(path):
-    if os.path.isdir(path):
-        return sum(
-            os.path.getsize(os.path.join(root, name))
-            for root, _, names in os.walk(path)
-            for name in names
-        )
-    return os.path.getsize(path)
 
 
 if __name__ == "__main__":
