@@ -33,7 +33,7 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     >>> import numpy as np
     >>> layer = LowRankEinsumDense("abc,cde->abde", (None, 12, 32), rank=4)
     >>> y = layer(np.ones((2, 7, 384), "float32"))
-    >>> y.shape, layer.count_params() - 384 * 12 * 32
+    >>> tuple(y.shape), layer.count_params() - 384 * 12 * 32
     ((2, 7, 12, 32), 3072)
     """
 
@@ -84,7 +84,9 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
         # equation never changes after construction.
         cached = getattr(self, "_lowrank_factorization", None)
         if cached is None or cached.equation != self.equation:
-            cached = einsum_factorization.factorize(self.equation, self.path)
+            cached = einsum_factorization.factorize(
+                self.equation, self.path or self.name
+            )
             self._lowrank_factorization = cached
         return cached
 
