@@ -693,6 +693,27 @@ def check_mixed_precision_fit(case, policy):
     np.testing.assert_array_equal(to_numpy(kernel_of(layer)), kernel_before)
 
 
+def check_trainable_toggle(case, construction):
+    """Freezing and unfreezing the layer (or its model) keeps the kernel
+    frozen; operations on a frozen layer do not unfreeze its factors."""
+    options = {"bias": "all"} if case.has_bias else {}
+    layer = case.adapted(construction, options=options)
+    model = model_around(case, layer)
+    expected = (["bias"] if case.has_bias else []) + adapter_weight_names()
+    for owner in (layer, model):
+        owner.trainable = False
+        assert model.trainable_weights == []
+        assert not any(w.trainable for w in layer.weights)
+        owner.trainable = True
+        assert [w.name for w in model.trainable_weights] == expected
+        assert not kernel_of(layer).trainable
+    layer.trainable = False
+    layer.merge()
+    layer.unmerge()
+    assert model.trainable_weights == []
+    assert not any(w.trainable for w in layer.weights)
+
+
 def check_bias_policy(case, construction):
     """`bias="all"` makes the bias trainable, `bias="none"` freezes it."""
     trained = case.adapted(construction, options={"bias": "all"})

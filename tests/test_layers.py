@@ -68,6 +68,12 @@ def test_fit_bias_all(case):
     harness.check_fit(case, "from_layer", bias="all")
 
 
+@cases
+@constructions
+def test_trainable_toggle_keeps_kernel_frozen(case, construction):
+    harness.check_trainable_toggle(case, construction)
+
+
 @pytest.mark.parametrize("case", with_bias, ids=[c.id for c in with_bias])
 @constructions
 def test_bias_policy(case, construction):

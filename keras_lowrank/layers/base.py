@@ -298,6 +298,23 @@ class LowRankLayer:
         layer.__class__ = original
         _refresh_call_signature(layer)
 
+    # --- trainability -------------------------------------------------------
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras's setter flips every variable created trainable, the frozen
+        # kernel included: `model.trainable = False; model.trainable = True`
+        # (freeze, then unfreeze a backbone) would silently turn LoRA into
+        # full fine-tuning. Re-apply the adapters' policy instead.
+        keras.layers.Layer.trainable.fset(self, value)
+        if value and getattr(self, "_lowrank", None) is not None:
+            if self._lowrank.specs:
+                self._refresh_trainable()
+
     # --- adapters ---------------------------------------------------------
 
     @property
@@ -737,9 +754,15 @@ class LowRankLayer:
 
     def _refresh_trainable(self):
         """Factors train while active and unmerged; the kernel never does;
-        the bias trains when an active adapter asks for `bias="all"`."""
+        the bias trains when an active adapter asks for `bias="all"`.
+
+        A frozen layer (`layer.trainable = False`) keeps every variable
+        frozen: a parent model collects its sublayers' variables by their
+        own flags, so a factor flagged trainable here would still train."""
         self._kernel_variable().trainable = False
         live = [n for n in self._lowrank.active if n not in self._lowrank.merged]
+        if not self.trainable:
+            live = []
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
                 var.trainable = key != "norm" and name in live
