@@ -591,6 +591,31 @@ def check_save_and_load(case, construction, tmp_path, retrain=True):
     assert not np.allclose(b_after, b_before)
 
 
+def check_save_merged(case, tmp_path):
+    """A model saved with its adapter merged reloads merged (the kernel in
+    the file holds the delta, so it is not added twice), and unmerging the
+    reloaded layer gives back the original kernel."""
+    plain = case.plain_class(**case.layer_kwargs())
+    model = model_around(case, plain)
+    layer = case.adapter_class.from_layer(plain, rank=RANK, alpha=ALPHA)
+    case.fill(layer)
+    randomize_factors(layer)
+    original_kernel = snapshot([kernel_of(layer)])[0]
+    x = case.inputs(seed=13)
+    layer.merge()
+    expected = to_numpy(model(x))
+    path = os.path.join(str(tmp_path), "merged.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    twin = loaded.layers[-1]
+    assert twin.merged_adapters == ["default"]
+    assert twin.trainable_weights == []
+    np.testing.assert_allclose(to_numpy(loaded(x)), expected, rtol=1e-6)
+    twin.unmerge()
+    assert_close(to_numpy(kernel_of(twin)), original_kernel, rtol=1e-6)
+    assert [w.name for w in twin.trainable_weights] == adapter_weight_names()
+
+
 def check_fit(case, construction, bias="none"):
     """After `fit`, the frozen kernel is bit-for-bit unchanged, the factors
     moved, and the bias moved exactly when `bias="all"`."""

@@ -315,3 +315,36 @@ def test_kernel_factors_dispatch():
             np.testing.assert_array_equal(_np(g), _np(e))
     with pytest.raises(ValueError, match="'default'.*initial_factors"):
         am.kernel_factors("default", w, 2, 1.0)
+
+
+TESTED = {
+    "scaling_factor",
+    "lowrank_contribution",
+    "adapter_dropout",
+    "lowrank_delta",
+    "merge_kernel",
+    "unmerge_kernel",
+    "dora_weight_norm",
+    "dora_column_norm",
+    "dora_combine",
+    "dora_merged_kernel",
+    "dora_unmerged_kernel",
+    "initial_factors",
+    "pissa_factors",
+    "olora_factors",
+    "kernel_factors",
+}
+
+
+def test_every_public_function_has_a_test():
+    """A formula added to adapter_math needs its closed-form test here."""
+    import inspect
+
+    public = {
+        name
+        for name, obj in vars(am).items()
+        if inspect.isfunction(obj)
+        and obj.__module__ == am.__name__
+        and not name.startswith("_")
+    }
+    assert public == TESTED, sorted(public ^ TESTED)

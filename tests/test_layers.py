@@ -57,6 +57,18 @@ def test_save_and_load_model(case, construction, tmp_path):
     harness.check_save_and_load(case, construction, tmp_path, retrain)
 
 
+# One case per layer class.
+PER_CLASS = ["dense", "einsum_mha_query", "embedding", "conv2d"]
+per_class = pytest.mark.parametrize(
+    "case", [c for c in CASES if c.id in PER_CLASS], ids=PER_CLASS
+)
+
+
+@per_class
+def test_save_and_load_merged_model(case, tmp_path):
+    harness.check_save_merged(case, tmp_path)
+
+
 @cases
 @constructions
 def test_fit_moves_factors_only(case, construction):
@@ -103,12 +115,7 @@ def test_mixed_precision(case, construction, policy):
 
 
 # One case per layer class is enough for a training step under each policy.
-FIT_UNDER_POLICY = ["dense", "einsum_mha_query", "embedding", "conv2d"]
-
-
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.id in FIT_UNDER_POLICY], ids=FIT_UNDER_POLICY
-)
+@per_class
 @pytest.mark.parametrize("policy", POLICIES)
 def test_mixed_precision_fit(case, policy):
     harness.check_mixed_precision_fit(case, policy)
