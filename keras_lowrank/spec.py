@@ -127,11 +127,15 @@ class AdapterSpec:
                 f"{where(path)}: unknown adapter option(s) {unknown}; known "
                 f"options are {sorted(known)}."
             )
-        draft = object.__new__(cls)
-        for name, default in known.items():
-            object.__setattr__(draft, name, options.get(name, default))
-        draft.validate(path)
-        return cls(**options)
+        if all(
+            name in options or default is not dataclasses.MISSING
+            for name, default in known.items()
+        ):
+            draft = object.__new__(cls)
+            for name, default in known.items():
+                object.__setattr__(draft, name, options.get(name, default))
+            draft.validate(path)
+        return cls(**options)  # a missing `rank` raises Python's TypeError
 
     @property
     def scale(self):

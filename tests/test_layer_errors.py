@@ -347,3 +347,18 @@ def test_failed_from_layer_leaves_a_working_plain_layer():
     # And it can still be adapted afterwards.
     LowRankConv1D.from_layer(conv, rank=2)
     assert conv._call_has_training_arg
+
+
+def test_config_from_a_newer_version_names_the_layer():
+    config = LowRankDense(4, rank=2, name="head").get_config()
+    config["adapters"]["default"]["future_option"] = 1
+    with pytest.raises(
+        ValueError,
+        match=r"^keras_lowrank: layer 'head': unknown adapter option\(s\) "
+        r"\['future_option'\].*upgrade keras_lowrank\.",
+    ):
+        LowRankDense.from_config(config)
+    config["adapters"]["default"].pop("future_option")
+    config["adapters"]["default"]["rank"] = 0
+    with pytest.raises(ValueError, match=r"layer 'head': rank must be"):
+        LowRankDense.from_config(config)
