@@ -109,7 +109,8 @@ def adapter_dropout(x, rate, training, seed=None):
     """
     if not rate or not training:
         return x
-    return keras.random.dropout(x, rate, seed=seed)
+    # The torch backend's seeded dropout needs a tensor, not a NumPy array.
+    return keras.random.dropout(ops.convert_to_tensor(x), rate, seed=seed)
 
 
 def lowrank_delta(a, b, scale):
@@ -292,8 +293,12 @@ def dora_combine(base, base_dropped, lowrank, ratio):
         lowrank: `s·(x_d·A)·B`.
         ratio: `m / ‖W + s·A·B‖`, broadcastable to the output.
     """
+    base = ops.convert_to_tensor(base)
     ratio = ops.cast(ratio, base.dtype)
-    return base + (ratio - 1.0) * base_dropped + ratio * lowrank
+    return ops.add(
+        ops.add(base, ops.multiply(ops.subtract(ratio, 1.0), base_dropped)),
+        ops.multiply(ratio, lowrank),
+    )
 
 
 def dora_merged_kernel(w, delta, magnitude, norm):

@@ -24,6 +24,7 @@ from keras_lowrank.model_state import state_of
 from keras_lowrank.model_state import unmark_adapted
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.walk import sublayers
 from keras_lowrank.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
@@ -465,8 +466,13 @@ class _Snapshot:
         else:
             self.model._keras_lowrank = self.state_copy
         self.model.__class__ = self.model_class
-        for layer, flag in self.layer_flags:
-            layer.trainable = flag
+        # Containers first (outer before inner), then leaves: setting a
+        # container's flag recurses into every layer under it, shared input
+        # layers included, so leaves must come last to keep their own flags.
+        for leaves in (False, True):
+            for layer, flag in self.layer_flags:
+                if (not sublayers(layer)) == leaves:
+                    layer.trainable = flag
         for weight, flag in self.flags:
             weight.trainable = flag
 
