@@ -114,7 +114,9 @@ def adapt(
     )
     chosen = targeting.select_layers(model, targets, exclude)
     plan = [
-        (visit, _spec_for(visit, base_spec, rank_pattern, alpha_pattern))
+        (visit, _spec_for(
+            visit, base_spec, rank_pattern, alpha_pattern, alpha is not None
+        ))
         for visit in chosen
     ]
     _check_plan(model, plan, name)
@@ -272,15 +274,16 @@ def _check_model(model):
         )
 
 
-def _spec_for(visit, base, rank_pattern, alpha_pattern):
+def _spec_for(visit, base, rank_pattern, alpha_pattern, alpha_given):
     changes = {}
     for option, pattern in (("rank", rank_pattern), ("alpha", alpha_pattern)):
         for key, value in (pattern or {}).items():
             if targeting.matches(visit, key):
                 changes[option] = value
                 break
-    if "rank" in changes and "alpha" not in changes and base.alpha == base.rank:
-        # alpha defaulted to rank: keep that default per layer.
+    if "rank" in changes and "alpha" not in changes and not alpha_given:
+        # alpha defaulted to rank: keep that default per layer (an explicit
+        # alpha stays as given, as in PEFT).
         changes["alpha"] = None
     if not changes:
         return base
