@@ -21,6 +21,8 @@ from keras_lowrank import AdapterSpec
 from keras_lowrank import adapter_math
 from keras_lowrank.layers import adapter_class_for
 
+from backend_gradients import gradients as _grads
+
 RNG = np.random.default_rng(0)
 
 
@@ -197,30 +199,6 @@ def _output_with_kernel(layer, x, kernel_matrix):
         _from_matrix(layer.lowrank_layout, kernel_matrix).astype("float32")
     )
     return _np(twin(x)), twin
-
-
-def _grads(fn, variables):
-    """Gradients of the scalar `fn()` with respect to `variables`, on any
-    backend (only tests need backend code)."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            loss = fn()
-        return [_np(g) for g in tape.gradient(loss, [v.value for v in variables])]
-    if backend == "torch":
-        import torch
-
-        values = [v.value for v in variables]
-        return [_np(g.detach()) for g in torch.autograd.grad(fn(), values)]
-    import jax
-
-    def pure(values):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return fn()
-
-    return [_np(g) for g in jax.grad(pure)([v.value for v in variables])]
 
 
 def _close(actual, expected, tol=2e-5):
