@@ -617,10 +617,18 @@ class LowRankLayer:
         dropped = adapter_math.adapter_dropout(
             inputs, spec.dropout, training, self._lowrank.seed
         )
+        b = variables["B"]
+        if spec.method == "dora":
+            layout = self._layout()
+            norm = self._dora_norm(spec, variables)
+            ratio = ops.divide(
+                variables["magnitude"], layout.units_from_matrix(norm)
+            )
+            b = adapter_math.dora_scaled_b(b, ratio, len(layout.batch_shape))
         lowrank = adapter_math.lowrank_contribution(
             dropped,
             variables["A"],
-            variables["B"],
+            b,
             spec.scale,
             contract_a=self._contract_a,
             contract_b=self._contract_b,
@@ -629,10 +637,6 @@ class LowRankLayer:
         lowrank = ops.cast(lowrank, outputs.dtype)
         if spec.method == "lora":
             return ops.add(outputs, lowrank)
-        norm = self._dora_norm(spec, variables)
-        ratio = ops.divide(
-            variables["magnitude"], self._layout().units_from_matrix(norm)
-        )
         # Without dropout x_d·W is the x·W already computed: no second matmul.
         base_dropped = base if dropped is inputs else self._base_output(dropped)
         if self._lowrank.merged:
