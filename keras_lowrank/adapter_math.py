@@ -175,8 +175,10 @@ def dora_weight_norm(w, a, b, scale):
     a_t_w = ops.matmul(a_t, w)  # (..., r, k)
     gram_b = ops.matmul(ops.matmul(a_t, a), b)  # (..., r, k)
     inner = ops.add(ops.multiply(a_t_w, 2.0), ops.multiply(gram_b, scale))
+    # `norm` rather than `sum(square(w))`: PyTorch then reduces in one pass
+    # without a d×k temporary (XLA fuses either form).
     total = ops.add(
-        ops.sum(ops.square(w), axis=-2),
+        ops.square(ops.norm(w, axis=-2)),
         ops.multiply(ops.sum(ops.multiply(b, inner), axis=-2), scale),
     )
     return ops.stop_gradient(ops.sqrt(ops.maximum(total, 0.0)))
