@@ -205,6 +205,13 @@ def dora_scaled_b(b, ratio, rank_axis):
 
     Returns:
         float32 tensor shaped like `b`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> b = np.ones((2, 3), "float32"); ratio = np.array([1, 2, 3], "float32")
+    >>> keras.ops.convert_to_numpy(dora_scaled_b(b, ratio, 0))[1]
+    array([1., 2., 3.], dtype=float32)
     """
     ratio = ops.expand_dims(ops.cast(ratio, "float32"), rank_axis)
     return ops.multiply(ops.cast(b, "float32"), ratio)
@@ -312,6 +319,17 @@ def unmerged_base_kernel(w, merged):
 
     Returns:
         float32 `(..., d, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w0 = np.eye(2, dtype="float32"); delta = np.ones((2, 2), "float32")
+    >>> m = np.array([2.0, 1.0], "float32"); n = np.ones(2, "float32")
+    >>> dora = dora_merge_delta(w0, delta, m, n)
+    >>> merged = keras.ops.add(w0 + delta, dora)  # a LoRA and a DoRA merged
+    >>> back = unmerged_base_kernel(merged, [(delta, None), (delta, m / n)])
+    >>> bool(np.allclose(keras.ops.convert_to_numpy(back), w0))
+    True
     """
     w = ops.cast(w, "float32")
     rho = None
@@ -429,6 +447,14 @@ def randomized_svd(w, rank, niter=2, seed=None):
 
     Returns:
         `(u, s, vt)` with shapes `(..., d, r)`, `(..., r)`, `(..., r, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.diag([4.0, 2.0, 1.0, 0.5]).astype("float32")
+    >>> u, s, vt = randomized_svd(w, 2, niter=4, seed=0)
+    >>> np.round(keras.ops.convert_to_numpy(s), 2).tolist()
+    [4.0, 2.0]
     """
     w = ops.cast(w, "float32")
     wt = _swap_last(w)
@@ -476,7 +502,13 @@ def olora_factors(w, rank, scale):
 
 
 def pissa_niter(init):
-    """The power-iteration count of `"pissa_niter_<n>"`, else `None`."""
+    """The power-iteration count of `"pissa_niter_<n>"`, else `None`.
+
+    Example:
+
+    >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa")
+    (4, None)
+    """
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         digits = init[len("pissa_niter_") :]
         if digits.isdigit():
@@ -487,8 +519,24 @@ def pissa_niter(init):
 def kernel_factors(init, w, rank, scale, seed=None):
     """Data-dependent factors: `"pissa"`, `"pissa_niter_<n>"` or `"olora"`.
 
-    See `pissa_factors` and `olora_factors`; `seed` is used by the
-    randomised SVD only.
+    Args:
+        init: the init's name.
+        w: kernel in matrix form `(..., d, k)`.
+        rank: `r`.
+        scale: `s`.
+        seed: int or `keras.random.SeedGenerator`, for the randomised SVD.
+
+    Returns:
+        `(a, b, residual)`, float32, matrix form; see `pissa_factors` and
+        `olora_factors`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    >>> a, b, res = kernel_factors("olora", w, 2, 1.0)
+    >>> bool(np.allclose(keras.ops.convert_to_numpy(res + a @ b), w, atol=1e-5))
+    True
     """
     if init == "pissa":
         return pissa_factors(w, rank, scale)
@@ -574,6 +622,16 @@ def compress_factors(a, b, rank):
 
     Returns:
         `(a', b')`, float32, `(..., d, rank)` and `(..., rank, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.normal(size=(6, 1)) @ np.ones((1, 3))  # rank 1, stored as 3
+    >>> b = rng.normal(size=(3, 4))
+    >>> a1, b1 = compress_factors(a, b, 1)
+    >>> tuple(a1.shape), bool(np.allclose(a1 @ b1, a @ b, atol=1e-4))
+    ((6, 1), True)
     """
     qa, ra = ops.qr(ops.cast(a, "float32"), mode="reduced")
     qb, rb = ops.qr(_swap_last(ops.cast(b, "float32")), mode="reduced")
