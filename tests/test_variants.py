@@ -675,3 +675,134 @@ def test_rslora_scaling(case, method):
         _, _, kernel = _dora_closed_form(wm, a, b, m, 3.0)
     expected, _ = _output_with_kernel(layer, x, kernel)
     _close(_np(layer(x)), expected)
+
+
+# --- PEFT's DoRA, numerically -------------------------------------------------------------
+
+
+def test_dora_matches_peft_on_linear_embedding_and_conv():
+    """PEFT's DoRA layers and ours give the same outputs from the same
+    weights: same norm axes, magnitude shapes and output formula."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(7, 5)
+            self.emb = torch.nn.Embedding(11, 6)
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=3,
+        use_dora=True,
+        init_lora_weights=False,  # B random: the magnitude is not just ‖W‖
+        target_modules=["lin", "emb", "conv"],
+    )
+    net = peft.get_peft_model(Net(), config).eval()
+    inner = net.base_model.model
+    with torch.no_grad():
+        for module in (inner.lin, inner.emb, inner.conv):
+            mag = module.lora_magnitude_vector["default"].weight
+            mag.mul_(torch.rand_like(mag) + 0.5)
+
+    def t(x):
+        return x.detach().numpy().astype("float32")
+
+    def check(peft_module, x_torch, keras_layer, x, weights, to_keras_output):
+        keras_layer(x)
+        adapter_class_for(keras_layer).from_layer(
+            keras_layer, rank=2, alpha=3, method="dora"
+        )
+        variables = keras_layer.adapter_variables("default")
+        for var, value in zip(_plain_weights(keras_layer), weights["base"]):
+            var.assign(value)
+        for key in ("A", "B", "magnitude"):
+            variables[key].assign(weights[key])
+        with torch.no_grad():
+            expected = to_keras_output(t(peft_module(x_torch)))
+        _close(_np(keras_layer(x)), expected, 1e-5)
+
+    lin = inner.lin
+    x = RNG.normal(size=(4, 7)).astype("float32")
+    check(
+        lin,
+        torch.from_numpy(x),
+        keras.layers.Dense(5),
+        x,
+        {
+            "base": [t(lin.base_layer.weight).T, t(lin.base_layer.bias)],
+            "A": t(lin.lora_A["default"].weight).T,
+            "B": t(lin.lora_B["default"].weight).T,
+            "magnitude": t(lin.lora_magnitude_vector["default"].weight),
+        },
+        lambda y: y,
+    )
+    emb = inner.emb
+    ids = RNG.integers(0, 11, size=(2, 5))
+    check(
+        emb,
+        torch.from_numpy(ids),
+        keras.layers.Embedding(11, 6),
+        ids.astype("int32"),
+        {
+            "base": [t(emb.base_layer.weight)],
+            "A": t(emb.lora_embedding_A["default"]).T,
+            "B": t(emb.lora_embedding_B["default"]).T,
+            "magnitude": t(emb.lora_magnitude_vector["default"].weight),
+        },
+        lambda y: y,
+    )
+    conv = inner.conv
+    x = RNG.normal(size=(2, 5, 5, 3)).astype("float32")
+    check(
+        conv,
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+        keras.layers.Conv2D(4, 3, padding="same"),
+        x,
+        {
+            "base": [
+                t(conv.base_layer.weight).transpose(2, 3, 1, 0),
+                t(conv.base_layer.bias),
+            ],
+            "A": t(conv.lora_A["default"].weight).transpose(2, 3, 1, 0),
+            "B": t(conv.lora_B["default"].weight)[:, :, 0, 0].T,
+            "magnitude": t(
+                conv.lora_magnitude_vector["default"].weight
+            ).reshape(-1),
+        },
+        lambda y: y.transpose(0, 2, 3, 1),
+    )
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_kernel_inits_match_peft(init):
+    """PEFT's `init_lora_weights="pissa"/"olora"` leaves the same residual
+    kernel and the same `s·A·B` (factor signs may differ between QR/SVD
+    implementations)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(7, 5))
+    w = base[0].weight.detach().numpy().T.astype("float32").copy()
+    config = peft.LoraConfig(
+        r=2, lora_alpha=3, init_lora_weights=init, target_modules=["0"]
+    )
+    lin = peft.get_peft_model(base, config).base_model.model[0]
+    residual = lin.base_layer.weight.detach().numpy().T
+    product = (
+        lin.scaling["default"]
+        * (lin.lora_B["default"].weight @ lin.lora_A["default"].weight)
+        .detach()
+        .numpy()
+        .T
+    )
+    layer = keras.layers.Dense(5)
+    layer.build((None, 7))
+    layer.kernel.assign(w)
+    keras_lowrank.LowRankDense.from_layer(layer, rank=2, alpha=3, init=init)
+    a, b = _factors(layer)
+    _close(_np(_kernel_var(layer)), residual, 1e-5)
+    _close(layer.adapter_spec("default").scale * a @ b, product, 1e-5)
