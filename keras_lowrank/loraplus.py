@@ -1,4 +1,4 @@
-"""LoRA+: train `B` (and DoRA's magnitude) at `ratio ×` the learning rate of `A`.
+"""LoRA+: train `B` (and DoRA's magnitude) at `ratio ×` `A`'s learning rate.
 
 LoRA+ (Hayou et al., 2024) shows that `A` and `B` want different learning
 rates: `B` learns best about 16 times faster. `LoraPlusOptimizer` wraps any

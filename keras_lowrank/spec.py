@@ -106,7 +106,9 @@ class AdapterSpec:
         _check_choice(at, "scaling", self.scaling, SCALINGS)
         _check_choice(at, "method", self.method, METHODS)
         if not self.rewrites_kernel:
-            _check_choice(at, "init", self.init, INITS, extra="'pissa_niter_<n>'")
+            _check_choice(
+                at, "init", self.init, INITS, extra="'pissa_niter_<n>'"
+            )
         _check_choice(at, "bias", self.bias, LAYER_BIAS_POLICIES)
         if (
             isinstance(self.dropout, bool)

@@ -1,4 +1,4 @@
-"""LoRA+: exact effective learning rates inside `model.fit`, on every backend."""
+"""LoRA+: exact effective learning rates inside `model.fit`, every backend."""
 
 import keras
 import numpy as np
@@ -163,7 +163,8 @@ def test_saved_model_keeps_the_optimizer_and_its_state(tmp_path):
     assert isinstance(loaded.optimizer, LoraPlusOptimizer)
     assert loaded.optimizer.ratio == 16.0
     assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
-    for mine, theirs in zip(model.optimizer.variables, loaded.optimizer.variables):
+    pairs = zip(model.optimizer.variables, loaded.optimizer.variables)
+    for mine, theirs in pairs:
         np.testing.assert_allclose(_np(theirs), _np(mine), rtol=1e-6)
     loaded.fit(x, y, epochs=1, verbose=0)
     assert int(_np(loaded.optimizer.iterations)) == 3

@@ -26,7 +26,7 @@ from backend_gradients import gradients as _grads
 RNG = np.random.default_rng(0)
 
 
-# --- layer cases ---------------------------------------------------------------
+# --- layer cases -------------------------------------------------------------
 
 
 def _dense():
@@ -150,7 +150,7 @@ def _randomize(layer, name="default", positive_magnitude=True):
         m.assign(_np(m) * RNG.uniform(0.5, 1.5, size=m.shape))
 
 
-# --- float64 closed forms in the matrix form -------------------------------------
+# --- float64 closed forms in the matrix form ---------------------------------
 
 
 def _to_matrix(layout, kernel):
@@ -182,7 +182,8 @@ def _factors(layer, name="default", keys=("A", "B")):
 
 def _units(layer, value):
     layout = layer.lowrank_layout
-    return np.asarray(value, "float64").reshape(layout.batch_shape + (layout.k,))
+    shape = layout.batch_shape + (layout.k,)
+    return np.asarray(value, "float64").reshape(shape)
 
 
 def _dora_closed_form(w, a, b, m, s):
@@ -207,14 +208,14 @@ def _close(actual, expected, tol=2e-5):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
 
 
-# --- DoRA ------------------------------------------------------------------------
+# --- DoRA --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", MATRIX_CASES)
 def test_dora_forward_merge_and_unmerge_match_closed_form(case):
     layer, x, w, y0 = _adapt(case, rank=2, alpha=3, method="dora")
     layout = layer.lowrank_layout
-    (m,) = [_units(layer, _np(layer.adapter_variables("default")["magnitude"]))]
+    m = _units(layer, _np(layer.adapter_variables("default")["magnitude"]))
     wm = _to_matrix(layout, w)
     # m starts at ‖W + s·A·B‖ = ‖W‖ (B or A is zero) and the output at base.
     _close(m, np.sqrt((wm**2).sum(axis=-2)), 1e-6)
@@ -355,7 +356,6 @@ def test_adapters_act_side_by_side_and_merge_exactly_in_any_order():
     for order in (["c"], ["b", "a"], ["a"], ["c", "b", "a"]):
         layer.merge(order)
         _close(_np(layer(x)), y)
-        # delta(name) is what merging it adds, relative to W0.
         assert set(layer.merged_adapters) >= set(order)
     _close(_np(_kernel_var(layer)), expected, 1e-5)
     layer.unmerge(["b"])
@@ -367,11 +367,13 @@ def test_adapters_act_side_by_side_and_merge_exactly_in_any_order():
     _close(w0 + total, expected, 1e-5)
 
 
-# --- mixed precision ---------------------------------------------------------------
+# --- mixed precision ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-@pytest.mark.parametrize("case", ["dense", "einsum_batch", "embedding", "conv2d"])
+@pytest.mark.parametrize(
+    "case", ["dense", "einsum_batch", "embedding", "conv2d"]
+)
 def test_dora_starts_at_base_under_mixed_precision(case, policy):
     keras.config.set_dtype_policy(policy)
     layer, x = _plain(case)
@@ -406,7 +408,7 @@ def test_kernel_inits_start_at_base_under_mixed_precision(init, policy):
     _close(_np(layer(x)), y0, tol)
 
 
-# --- PiSSA and OLoRA -----------------------------------------------------------------
+# --- PiSSA and OLoRA ---------------------------------------------------------
 
 
 def _top_r(wm, r):
@@ -416,7 +418,8 @@ def _top_r(wm, r):
 
 @pytest.mark.parametrize("case", MATRIX_CASES)
 def test_pissa_is_the_top_r_svd(case):
-    method = "dora" if case in ("einsum_batch", "embedding", "conv2d") else "lora"
+    dora_cases = ("einsum_batch", "embedding", "conv2d")
+    method = "dora" if case in dora_cases else "lora"
     layer, x, w, y0 = _adapt(
         case, rank=2, alpha=3, method=method, init="pissa"
     )
@@ -451,7 +454,8 @@ def test_olora_follows_the_qr_formula(case):
     _close(np.abs(b), np.abs(np.swapaxes(q[..., :, :2], -1, -2)), 1e-5)
     _close(np.abs(a), np.abs(np.swapaxes(r[..., :2, :], -1, -2)), 1e-4)
     _close(a @ b, np.swapaxes(q[..., :, :2] @ r[..., :2, :], -1, -2), 1e-5)
-    _close(b @ np.swapaxes(b, -1, -2), np.broadcast_to(np.eye(2), a.shape[:-2] + (2, 2)), 1e-5)
+    eye = np.broadcast_to(np.eye(2), a.shape[:-2] + (2, 2))
+    _close(b @ np.swapaxes(b, -1, -2), eye, 1e-5)
     assert np.allclose(np.triu(np.swapaxes(a, -1, -2)), np.swapaxes(a, -1, -2))
     _close(_to_matrix(layout, _np(_kernel_var(layer))), wm - s * a @ b, 1e-5)
     _close(_np(layer(x)), y0, 1e-5)
@@ -529,7 +533,7 @@ def test_pissa_niter_option_is_validated():
             AdapterSpec(rank=2, init=bad)
 
 
-# --- adapters relative to the original kernel -------------------------------------------
+# --- adapters relative to the original kernel --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -654,7 +658,7 @@ def test_loading_does_not_rerun_the_kernel_init(monkeypatch):
     _close(_np(clone(x)), x @ _np(_kernel_var(clone)), 1e-5)
 
 
-# --- rsLoRA ---------------------------------------------------------------------------------
+# --- rsLoRA ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -677,7 +681,7 @@ def test_rslora_scaling(case, method):
     _close(_np(layer(x)), expected)
 
 
-# --- PEFT's DoRA, numerically -------------------------------------------------------------
+# --- PEFT's DoRA, numerically ------------------------------------------------
 
 
 def test_dora_matches_peft_on_linear_embedding_and_conv():

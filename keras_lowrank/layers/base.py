@@ -512,7 +512,9 @@ class LowRankLayer:
             w0 = self._base_matrix() if dora else None
             delta, norm = self._merge_delta(name, w0)
             w = layout.to_matrix(kernel)
-            kernel.assign(layout.from_matrix(adapter_math.merge_kernel(w, delta)))
+            kernel.assign(
+                layout.from_matrix(adapter_math.merge_kernel(w, delta))
+            )
             if dora:
                 self._variables_of(name)["norm"].assign(
                     layout.units_from_matrix(norm)
