@@ -16,12 +16,11 @@ set_adapter, delete, load), so it never depends on history:
 
 import warnings
 
-import keras
-
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.model_state import state_of
 from keras_lowrank.walk import own_weights
 from keras_lowrank.walk import sublayers
+from keras_lowrank.walk import bias_weights
 from keras_lowrank.walk import walk
 
 
@@ -48,8 +47,7 @@ def apply(model):
                 weight.trainable = False
     if bias_everywhere:
         for visit in visits:
-            bias = getattr(visit.layer, "bias", None)
-            if isinstance(bias, keras.Variable):
+            for bias in bias_weights(visit.layer):
                 bias.trainable = True
     reset_compiled_functions(model)
 

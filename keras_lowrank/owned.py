@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from keras_lowrank.walk import own_weights
+from keras_lowrank.walk import bias_weights
 from keras_lowrank.walk import walk
 
 # The owner name of the base model's values. Not a valid adapter name, so it
@@ -81,11 +82,12 @@ def keys_for(model, kept, bias, adapted):
             continue
         if bias == "lora_only" and visit.path not in adapted:
             continue
-        bias_var = getattr(visit.layer, "bias", None)
-        if isinstance(bias_var, keras.Variable):
-            keys.extend(
-                k for k, v in weights.items() if v is bias_var and k not in keys
-            )
+        biases = bias_weights(visit.layer)
+        keys.extend(
+            k
+            for k, v in weights.items()
+            if any(v is b for b in biases) and k not in keys
+        )
     return keys
 
 

@@ -12,6 +12,9 @@ import re
 SCALINGS = ("standard", "rslora")
 METHODS = ("lora", "dora")
 INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that derive the factors from the kernel and leave a residual kernel.
+# "pissa_niter_<n>" (randomised SVD, n power iterations) is accepted too.
+KERNEL_INITS = ("pissa", "olora")
 LAYER_BIAS_POLICIES = ("none", "all")
 
 # Adapter names become part of variable names and paths. PyTorch refuses "."
@@ -50,7 +53,9 @@ class AdapterSpec:
             magnitude per output unit).
         init: `"default"` (A he-uniform, B zeros), `"gaussian"` (A normal
             with std `1/r`, B zeros), `"pissa"` or `"olora"` (factors from the
-            kernel's SVD or QR; the frozen kernel keeps the residual).
+            kernel's SVD or QR; the frozen kernel keeps the residual), or
+            `"pissa_niter_<n>"` (PiSSA from a randomised SVD with `n` power
+            iterations, as in PEFT: much faster on large kernels).
         bias: `"none"` (the layer's bias stays frozen) or `"all"` (the layer's
             bias trains with the adapter).
 
@@ -100,7 +105,10 @@ class AdapterSpec:
             )
         _check_choice(at, "scaling", self.scaling, SCALINGS)
         _check_choice(at, "method", self.method, METHODS)
-        _check_choice(at, "init", self.init, INITS)
+        if not self.rewrites_kernel:
+            _check_choice(
+                at, "init", self.init, INITS, extra="'pissa_niter_<n>'"
+            )
         _check_choice(at, "bias", self.bias, LAYER_BIAS_POLICIES)
         if (
             isinstance(self.dropout, bool)
@@ -111,6 +119,42 @@ class AdapterSpec:
                 f"{at}: dropout must be a number in [0, 1), got "
                 f"{self.dropout!r}. Pass dropout=0.0 to disable it."
             )
+
+    @classmethod
+    def checked(cls, path=None, **options):
+        """`AdapterSpec(**options)`, but a bad option's error names `path`.
+
+        The layers and `from_layer` use this so that a message says which
+        layer was being adapted, e.g. "keras_lowrank: layer 'encoder/query':
+        rank must be a positive integer, got 0. ..."
+        """
+        known = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(
+                f"{where(path)}: unknown adapter option(s) {unknown}; known "
+                f"options are {sorted(known)}."
+            )
+        if all(
+            name in options or default is not dataclasses.MISSING
+            for name, default in known.items()
+        ):
+            draft = object.__new__(cls)
+            for name, default in known.items():
+                object.__setattr__(draft, name, options.get(name, default))
+            draft.validate(path)
+        return cls(**options)  # a missing `rank` raises Python's TypeError
+
+    @property
+    def rewrites_kernel(self):
+        """Whether the init takes the factors from the kernel (PiSSA, OLoRA),
+        leaving the residual `W − s·A0·B0` as the frozen kernel."""
+        from keras_lowrank import adapter_math
+
+        return (
+            self.init in KERNEL_INITS
+            or adapter_math.pissa_niter(self.init) is not None
+        )
 
     @property
     def scale(self):
@@ -132,22 +176,23 @@ class AdapterSpec:
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config, path=None):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(
-                f"keras_lowrank: unknown adapter option(s) {unknown}; known "
+                f"{where(path)}: unknown adapter option(s) {unknown}; known "
                 f"options are {sorted(known)}. The file or config was written "
                 "by a newer keras_lowrank: upgrade keras_lowrank."
             )
-        return cls(**config)
+        return cls.checked(path, **config)
 
 
-def _check_choice(at, option, value, choices):
+def _check_choice(at, option, value, choices, extra=None):
     if value not in choices:
+        names = [repr(c) for c in choices] + ([extra] if extra else [])
         raise ValueError(
             f"{at}: unknown {option} {value!r}. Use one of "
-            + ", ".join(repr(c) for c in choices)
+            + ", ".join(names)
             + "."
         )

@@ -24,6 +24,7 @@ from keras_lowrank.model_state import state_of
 from keras_lowrank.model_state import unmark_adapted
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.walk import sublayers
 from keras_lowrank.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
@@ -113,7 +114,9 @@ def adapt(
     )
     chosen = targeting.select_layers(model, targets, exclude)
     plan = [
-        (visit, _spec_for(visit, base_spec, rank_pattern, alpha_pattern))
+        (visit, _spec_for(
+            visit, base_spec, rank_pattern, alpha_pattern, alpha is not None
+        ))
         for visit in chosen
     ]
     _check_plan(model, plan, name)
@@ -271,15 +274,16 @@ def _check_model(model):
         )
 
 
-def _spec_for(visit, base, rank_pattern, alpha_pattern):
+def _spec_for(visit, base, rank_pattern, alpha_pattern, alpha_given):
     changes = {}
     for option, pattern in (("rank", rank_pattern), ("alpha", alpha_pattern)):
         for key, value in (pattern or {}).items():
             if targeting.matches(visit, key):
                 changes[option] = value
                 break
-    if "rank" in changes and "alpha" not in changes and base.alpha == base.rank:
-        # alpha defaulted to rank: keep that default per layer.
+    if "rank" in changes and "alpha" not in changes and not alpha_given:
+        # alpha defaulted to rank: keep that default per layer (an explicit
+        # alpha stays as given, as in PEFT).
         changes["alpha"] = None
     if not changes:
         return base
@@ -465,8 +469,13 @@ class _Snapshot:
         else:
             self.model._keras_lowrank = self.state_copy
         self.model.__class__ = self.model_class
-        for layer, flag in self.layer_flags:
-            layer.trainable = flag
+        # Containers first (outer before inner), then leaves: setting a
+        # container's flag recurses into every layer under it, shared input
+        # layers included, so leaves must come last to keep their own flags.
+        for leaves in (False, True):
+            for layer, flag in self.layer_flags:
+                if (not sublayers(layer)) == leaves:
+                    layer.trainable = flag
         for weight, flag in self.flags:
             weight.trainable = flag
 

@@ -329,3 +329,42 @@ def test_real_minilm_classifier_on_raw_strings(minilm_dir, tmp_path):
     model.save(path)
     reloaded = keras_lowrank.load_model(path)
     np.testing.assert_allclose(reloaded.predict(texts, verbose=0), tuned, atol=1e-5)
+
+
+# --- options ----------------------------------------------------------------
+
+
+def test_rank_pattern_keeps_an_explicit_alpha_and_defaults_alpha_to_rank():
+    model = model_kinds.build_sequential()
+    keras_lowrank.adapt(model, rank=4, alpha=4, rank_pattern={"hidden2": 2})
+    specs = {r.path: (r.rank, r.alpha) for r in keras_lowrank.report(model).rows}
+    assert specs == {"hidden": (4, 4.0), "hidden2": (2, 4.0)}
+
+    model = model_kinds.build_sequential()
+    keras_lowrank.adapt(model, rank=4, rank_pattern={"hidden2": 2}, alpha_pattern={"hid*": 8})
+    specs = {r.path: (r.rank, r.alpha) for r in keras_lowrank.report(model).rows}
+    assert specs == {"hidden": (4, 8.0), "hidden2": (2, 8.0)}
+
+    model = model_kinds.build_sequential()
+    keras_lowrank.adapt(model, rank=4, rank_pattern={"hidden2": 2})
+    specs = {r.path: (r.rank, r.alpha) for r in keras_lowrank.report(model).rows}
+    assert specs == {"hidden": (4, 4.0), "hidden2": (2, 2.0)}
+
+
+@pytest.mark.parametrize(
+    "bias, expected",
+    [
+        ("none", set()),
+        ("lora_only", {"proj/bias", "ffn/bias"}),
+        ("all", {"conv/bias", "proj/bias", "norm/beta", "ffn/bias", "out/bias"}),
+    ],
+)
+def test_bias_policies(bias, expected):
+    model = model_kinds.build_functional()
+    keras_lowrank.adapt(model, rank=2, bias=bias)
+    trainable = {
+        "/".join(w.path.split("/")[-2:])
+        for w in model.trainable_weights
+        if "lowrank_" not in w.path
+    }
+    assert trainable == expected

@@ -12,9 +12,24 @@ two ways:
   after: nothing is copied, and the parent model, which may be subclassed or a
   KerasHub model whose sublayers cannot be swapped, keeps working.
 
-Each adapter has a name, an `AdapterSpec` and its variables (`A`, `B`, and for
-DoRA the magnitude `m` and the norm kept while merged). A layer can hold
-several; the active ones add up; merged ones live inside the kernel.
+Each adapter has a name, an `AdapterSpec` and its variables (`A`, `B`, for
+DoRA the magnitude `m` and the norm kept while merged, for PiSSA/OLoRA the
+initial factors `A0`, `B0`). A layer can hold several; the active ones add
+up; merged ones live inside the kernel.
+
+Several adapters act on the same base kernel `W0` (the kernel with nothing
+merged) side by side: a LoRA adapter adds `s·A·B`, a DoRA adapter adds
+`(c − 1)·W0 + c·s·A·B` with `c = m/‖W0 + s·A·B‖`. Merging any subset, in any
+order, therefore leaves the output unchanged. (PEFT scales the outputs of the
+adapters before a DoRA adapter too when there is no dropout, and not when
+there is; with a single adapter, the only case PEFT files hold, both agree.)
+
+DoRA and mixed precision: inside `call` Keras hands layers their kernel in
+the compute dtype, so the norm `‖W0 + s·A·B‖` is always taken of the kernel
+rounded to the compute dtype (then in float32), in `call`, at creation (the
+initial `m`) and when merging alike. The adapter's own variables are float32
+and never autocast. So `m/‖·‖` is exactly 1 right after creation and the
+initial output equals the base output under every dtype policy.
 
 Subclasses describe only their own geometry (see the "geometry" methods at the
 end); every formula comes from `keras_lowrank.adapter_math`.
@@ -32,6 +47,11 @@ from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.spec import where
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+# The variables an adapter may own, by key: the factors, DoRA's magnitude and
+# the norm it keeps while merged, and the initial factors of PiSSA/OLoRA.
+ADAPTER_KEYS = ("A", "B", "magnitude", "norm", "A0", "B0")
+TRAINABLE_KEYS = ("A", "B", "magnitude")
 
 
 class _AdapterState:
@@ -72,10 +92,19 @@ class LowRankLayer:
         active_adapters,
         merged_adapters,
     ):
-        """Records the adapters a standalone layer creates in `build`."""
+        """Records the adapters a standalone layer creates in `build`.
+
+        Everything that can be checked before the kernel exists is checked
+        here, so a bad option fails at construction, naming the layer.
+        """
+        path = _path_of(self)
         self._lowrank = _AdapterState(self.base_class)
+        # Adapters given as a dict come from a config: their values are about
+        # to be loaded, so kernel inits (an SVD or QR per layer) are skipped.
+        self._lowrank_from_config = adapters is not None
         if adapters is None:
-            spec = AdapterSpec(
+            spec = AdapterSpec.checked(
+                path,
                 rank=rank,
                 alpha=alpha,
                 scaling=scaling,
@@ -84,15 +113,19 @@ class LowRankLayer:
                 init=init,
                 bias=bias,
             )
-            adapters = {check_adapter_name(adapter_name): spec}
+            adapters = {check_adapter_name(adapter_name, path): spec}
         self._lowrank_pending = {
-            check_adapter_name(name): (
+            check_adapter_name(name, path): (
                 spec
                 if isinstance(spec, AdapterSpec)
-                else AdapterSpec.from_config(spec)
+                else AdapterSpec.from_config(spec, path)
             )
             for name, spec in adapters.items()
         }
+        self._check_options(self, path)
+        for spec in self._lowrank_pending.values():
+            spec.validate(path)
+            self.check_spec(spec, path)
         self._lowrank_pending_active = (
             list(active_adapters)
             if active_adapters is not None
@@ -109,8 +142,13 @@ class LowRankLayer:
         """
         pending = getattr(self, "_lowrank_pending", None) or {}
         merged = self._lowrank_pending_merged
+        from_config = getattr(self, "_lowrank_from_config", False)
         for name, spec in pending.items():
-            self.add_adapter(name, spec, restore=name in merged)
+            skip = name in merged or (from_config and spec.rewrites_kernel)
+            self.add_adapter(name, spec, restore=skip)
+            if skip and name not in merged and spec.method == "dora":
+                # Neutral until the saved values arrive: A = B = 0, m = ‖W‖.
+                self._set_initial_magnitude(name, spec)
         self._lowrank.active = [
             n for n in self._lowrank_pending_active if n in pending
         ]
@@ -157,7 +195,9 @@ class LowRankLayer:
         >>> adapted is dense, type(dense).__name__
         (True, 'LowRankDense')
         """
-        spec = AdapterSpec(
+        path = _path_of(layer)
+        spec = AdapterSpec.checked(
+            path,
             rank=rank,
             alpha=alpha,
             scaling=scaling,
@@ -167,11 +207,15 @@ class LowRankLayer:
             bias=bias,
         )
         cls.check_convertible(layer)
+        was_plain = not isinstance(layer, LowRankLayer)
         cls.become(layer)
         try:
             layer.add_adapter(adapter_name, spec, seed=seed)
         except Exception:
-            cls.revert(layer)
+            # Leave a layer that was plain exactly as it was; a layer that
+            # already had adapters keeps them.
+            if was_plain:
+                cls.revert(layer)
             raise
         return layer
 
@@ -183,15 +227,27 @@ class LowRankLayer:
             layer: the candidate layer.
             path: how to name the layer in errors (default: `layer.path`).
         """
-        path = path or getattr(layer, "path", None) or layer.name
+        path = path or _path_of(layer)
         if isinstance(layer, LowRankLayer):
+            if not isinstance(layer, cls):
+                raise TypeError(
+                    f"{where(path)}: the layer is a {type(layer).__name__} "
+                    f"already, not a {cls.__name__}. Use "
+                    f"`{type(layer).__name__}.from_layer` or its "
+                    "`add_adapter` method to add another adapter."
+                )
             return
         if type(layer) is not cls.base_class:
+            kind = (
+                "a subclass, whose own `call` would be lost"
+                if isinstance(layer, cls.base_class)
+                else "another kind of layer"
+            )
             raise TypeError(
                 f"{where(path)}: {cls.__name__} adapts exactly "
                 f"`keras.layers.{cls.base_class.__name__}` layers, not "
-                f"{type(layer).__name__}. Adapt the layers inside it instead, "
-                "or leave it out of `targets`."
+                f"{type(layer).__name__} ({kind}). Leave this layer out of "
+                "`targets`, or adapt the plain Keras layers inside it."
             )
         if not layer.built:
             raise ValueError(
@@ -199,11 +255,21 @@ class LowRankLayer:
                 "to adapt yet. Build the model first (call it on data or call "
                 "`model.build(input_shape)`), then adapt it."
             )
-        if getattr(layer, "lora_enabled", False):
+        cls._check_options(layer, path)
+
+    @classmethod
+    def _check_options(cls, layer, path):
+        """Refuses layer options without a low-rank adapter: built-in LoRA,
+        kernel constraints, non-float dtypes, quantization, and geometries
+        without a true rank-r factorisation. Works on unbuilt layers too."""
+        if getattr(layer, "lora_enabled", False) or getattr(
+            layer, "lora_rank", None
+        ):
             raise ValueError(
                 f"{where(path)}: Keras's built-in LoRA is enabled on this "
-                "layer (`enable_lora`). Use one or the other: rebuild the "
-                "layer without `lora_rank`/`enable_lora`, then adapt it."
+                "layer (`lora_rank`/`enable_lora`). Use one or the other: "
+                "rebuild the layer without `lora_rank`/`enable_lora`, then "
+                "adapt it."
             )
         if getattr(layer, "kernel_constraint", None) is not None or getattr(
             layer, "embeddings_constraint", None
@@ -252,16 +318,35 @@ class LowRankLayer:
             return
         if layer._lowrank.specs:
             raise ValueError(
-                f"{where(layer.path)}: delete its adapters before turning it "
-                "back into a plain layer."
+                f"{where(_path_of(layer))}: delete its adapters before "
+                "turning it back into a plain layer."
             )
         original = layer._lowrank.original_class
         if layer._lowrank.seed is not None:
             _untrack(layer, "lowrank_seed")
         del layer._lowrank
         del layer._lowrank_pending
+        # Caches a subclass may have set while it held adapters.
+        layer.__dict__.pop("_lowrank_factorization", None)
         layer.__class__ = original
         _refresh_call_signature(layer)
+
+    # --- trainability -------------------------------------------------------
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras's setter flips every variable created trainable, the frozen
+        # kernel included: `model.trainable = False; model.trainable = True`
+        # (freeze, then unfreeze a backbone) would silently turn LoRA into
+        # full fine-tuning. Re-apply the adapters' policy instead.
+        keras.layers.Layer.trainable.fset(self, value)
+        if value and getattr(self, "_lowrank", None) is not None:
+            if self._lowrank.specs:
+                self._refresh_trainable()
 
     # --- adapters ---------------------------------------------------------
 
@@ -291,10 +376,13 @@ class LowRankLayer:
         return self._lowrank.specs[self._known(name)]
 
     def adapter_variables(self, name):
-        """`{"A": ..., "B": ...}` (plus `"magnitude"`, `"norm"` for DoRA)."""
-        self._known(name)
+        """`{"A": ..., "B": ...}`, plus `"magnitude"`, `"norm"` for DoRA and
+        `"A0"`, `"B0"` (the initial factors) for PiSSA/OLoRA."""
+        return self._variables_of(self._known(name))
+
+    def _variables_of(self, name):
         out = {}
-        for key in ("A", "B", "magnitude", "norm"):
+        for key in ADAPTER_KEYS:
             var = getattr(self, _var_attr(key, name), None)
             if var is not None:
                 out[key] = var
@@ -323,7 +411,7 @@ class LowRankLayer:
         >>> layer.adapter_names
         ['default', 'second']
         """
-        path = self.path
+        path = _path_of(self)
         check_adapter_name(name, path)
         if not isinstance(spec, AdapterSpec):
             raise TypeError(
@@ -345,22 +433,27 @@ class LowRankLayer:
                 f"most {layout.max_rank}."
             )
         self.check_spec(spec, path)
-        if spec.init in ("pissa", "olora") and self._lowrank.merged:
-            raise ValueError(
-                f"{where(path)}: init={spec.init!r} rewrites the kernel, "
-                "which holds merged adapters now. `unmerge` first."
-            )
+        if spec.rewrites_kernel and not restore:
+            if self._lowrank.merged:
+                raise ValueError(
+                    f"{where(path)}: init={spec.init!r} rewrites the kernel, "
+                    "which holds merged adapters now. `unmerge` first."
+                )
+            self._check_no_dora(f"init={spec.init!r} rewrites the kernel")
         values = None if restore else self._initial_values(spec, seed)
         created = []
         try:
             with self._unlocked_scope():
                 for key, shape, trainable in self._variable_plan(spec, layout):
+                    # float32 and never autocast: cast at use, and DoRA's
+                    # ratio m/‖·‖ is formed in float32 under any policy.
                     var = self.add_weight(
                         name=f"lowrank_{key}_{name}",
                         shape=shape,
                         initializer="zeros",
                         dtype="float32",
                         trainable=trainable,
+                        autocast=False,
                     )
                     setattr(self, _var_attr(key, name), var)
                     created.append(key)
@@ -382,15 +475,40 @@ class LowRankLayer:
                     )
                 else:
                     getattr(self, _var_attr(key, name)).assign(value)
+            if spec.method == "dora":
+                self._set_initial_magnitude(name, spec)
         self._lowrank.specs[name] = spec
         self._lowrank.active.append(name)
         self._refresh_trainable()
 
     def delete_adapter(self, name):
-        """Removes adapter `name` and its variables (unmerging it first)."""
-        self._known(name)
+        """Removes adapter `name` and its variables (unmerging it first).
+
+        A PiSSA/OLoRA adapter gives back what its init took from the kernel
+        (`W_res + s·A0·B0 = W`), so the layer returns to its original kernel.
+        """
+        spec = self.adapter_spec(name)
+        if spec.rewrites_kernel:
+            self._check_no_dora(
+                f"deleting the init={spec.init!r} adapter {name!r} restores "
+                "the kernel",
+                exclude=name,
+            )
         if name in self._lowrank.merged:
             self.unmerge([name])
+        if spec.rewrites_kernel:
+            layout = self._layout()
+            variables = self._variables_of(name)
+            kernel = self._kernel_variable()
+            restored = adapter_math.merge_kernel(
+                layout.to_matrix(kernel),
+                adapter_math.lowrank_delta(
+                    layout.a_to_matrix(variables["A0"]),
+                    layout.b_to_matrix(variables["B0"]),
+                    spec.scale,
+                ),
+            )
+            kernel.assign(layout.from_matrix(restored))
         self.forget_adapter(name)
 
     def forget_adapter(self, name):
@@ -401,7 +519,7 @@ class LowRankLayer:
         if name in self._lowrank.merged:
             self._lowrank.merged.remove(name)
         with self._unlocked_scope():
-            for key in ("A", "B", "magnitude", "norm"):
+            for key in ADAPTER_KEYS:
                 if hasattr(self, _var_attr(key, name)):
                     _delete_variable(self, _var_attr(key, name))
         del self._lowrank.specs[name]
@@ -420,7 +538,7 @@ class LowRankLayer:
         for name in self._lowrank.merged:
             if name not in names:
                 raise ValueError(
-                    f"{where(self.path)}: adapter {name!r} is merged into the"
+                    f"{where(_path_of(self))}: adapter {name!r} is merged into the"
                     " kernel; `unmerge` before switching it off."
                 )
         self._lowrank.active = names
@@ -438,60 +556,49 @@ class LowRankLayer:
     def delta(self, name):
         """`ΔW` of adapter `name` in the kernel's own layout (float32).
 
-        For LoRA this is `s·A·B`; for DoRA it is the full change
-        `(m/‖W+s·A·B‖)·(W+s·A·B) − W` relative to the current kernel.
+        For LoRA this is `s·A·B`; for DoRA it is what merging adds,
+        `(c − 1)·W0 + c·s·A·B` with `c = m/‖W0 + s·A·B‖`, `W0` being the
+        kernel without merged adapters. Merging adapter `name` adds exactly
+        this to the kernel.
         """
         spec = self.adapter_spec(name)
         layout = self._layout()
-        variables = self.adapter_variables(name)
-        delta = adapter_math.lowrank_delta(
-            layout.a_to_matrix(variables["A"]),
-            layout.b_to_matrix(variables["B"]),
-            spec.scale,
-        )
-        if spec.method == "dora":
-            w = layout.to_matrix(self._float_kernel())
-            norm = adapter_math.dora_weight_norm(
-                w,
-                layout.a_to_matrix(variables["A"]),
-                layout.b_to_matrix(variables["B"]),
-                spec.scale,
-            )
-            magnitude = layout.units_to_matrix(variables["magnitude"])
-            merged = adapter_math.dora_merged_kernel(w, delta, magnitude, norm)
-            delta = ops.cast(merged, "float32") - ops.cast(w, "float32")
+        w0 = self._base_matrix() if spec.method == "dora" else None
+        delta, _ = self._merge_delta(name, w0)
         return layout.from_matrix(delta)
 
     def merge(self, names=None):
         """Folds adapters (default: every active, unmerged one) into the
-        kernel. Merging an adapter twice does nothing the second time."""
+        kernel. Merging an adapter twice does nothing the second time.
+
+        Exact for any subset in any order: see the module docstring. A DoRA
+        adapter keeps the norm it used in its `norm` variable while merged,
+        which is what `unmerge` needs to take it out again.
+        """
         names = self._lowrank.active if names is None else list(names)
         for name in names:
             self._known(name)
             if name not in self._lowrank.active:
                 raise ValueError(
-                    f"{where(self.path)}: adapter {name!r} is not active; "
+                    f"{where(_path_of(self))}: adapter {name!r} is not active; "
                     "only active adapters can be merged (`set_adapter` it)."
                 )
         kernel = self._kernel_variable()
         layout = self._layout()
-        for name in names:
+        for name in list(names):
             if name in self._lowrank.merged:
                 continue
-            spec = self._lowrank.specs[name]
-            variables = self.adapter_variables(name)
-            a = layout.a_to_matrix(variables["A"])
-            b = layout.b_to_matrix(variables["B"])
+            dora = self._lowrank.specs[name].method == "dora"
+            w0 = self._base_matrix() if dora else None
+            delta, norm = self._merge_delta(name, w0)
             w = layout.to_matrix(kernel)
-            delta = adapter_math.lowrank_delta(a, b, spec.scale)
-            if spec.method == "dora":
-                norm = adapter_math.dora_weight_norm(w, a, b, spec.scale)
-                magnitude = layout.units_to_matrix(variables["magnitude"])
-                new_w = adapter_math.dora_merged_kernel(w, delta, magnitude, norm)
-                variables["norm"].assign(layout.units_from_matrix(norm))
-            else:
-                new_w = adapter_math.merge_kernel(w, delta)
-            kernel.assign(layout.from_matrix(new_w))
+            kernel.assign(
+                layout.from_matrix(adapter_math.merge_kernel(w, delta))
+            )
+            if dora:
+                self._variables_of(name)["norm"].assign(
+                    layout.units_from_matrix(norm)
+                )
             self._lowrank.merged.append(name)
         self._refresh_trainable()
 
@@ -499,30 +606,80 @@ class LowRankLayer:
         """Takes merged adapters (default: all) back out of the kernel, in
         the reverse order of merging."""
         names = list(self._lowrank.merged) if names is None else list(names)
+        for name in names:
+            self._known(name)
         kernel = self._kernel_variable()
         layout = self._layout()
         for name in reversed(list(self._lowrank.merged)):
             if name not in names:
                 continue
-            spec = self._lowrank.specs[name]
-            variables = self.adapter_variables(name)
-            a = layout.a_to_matrix(variables["A"])
-            b = layout.b_to_matrix(variables["B"])
+            dora = self._lowrank.specs[name].method == "dora"
+            w0 = self._base_matrix() if dora else None
+            delta, _ = self._merge_delta(name, w0)
             w = layout.to_matrix(kernel)
-            delta = adapter_math.lowrank_delta(a, b, spec.scale)
-            if spec.method == "dora":
-                new_w = adapter_math.dora_unmerged_kernel(
-                    w,
-                    delta,
-                    layout.units_to_matrix(variables["magnitude"]),
-                    layout.units_to_matrix(variables["norm"]),
-                )
-                variables["norm"].assign(ops.zeros_like(variables["norm"]))
-            else:
-                new_w = adapter_math.unmerge_kernel(w, delta)
-            kernel.assign(layout.from_matrix(new_w))
+            kernel.assign(
+                layout.from_matrix(adapter_math.unmerge_kernel(w, delta))
+            )
+            if dora:
+                norm = self._variables_of(name)["norm"]
+                norm.assign(ops.zeros(norm.shape, "float32"))
             self._lowrank.merged.remove(name)
         self._refresh_trainable()
+
+    def adapter_for_original_kernel(self, name):
+        """Adapter `name` as options and values that apply to the original
+        kernel: what an adapter file should hold.
+
+        For LoRA and DoRA with data-free inits this is the adapter itself.
+        PiSSA/OLoRA train on the residual kernel `W_res = W − s·A0·B0`; their
+        equivalent on the original `W` is the plain adapter of rank 2r with
+        `A' = [A, A0]`, `B' = [B; −B0]` and alpha scaled to keep `s` (see
+        `adapter_math.original_kernel_factors`); a DoRA magnitude carries
+        over unchanged. If `2r` exceeds `min(d, k)` the factors are
+        recompressed to rank `min(d, k)`, which is exact.
+
+        Args:
+            name: the adapter's name.
+
+        Returns:
+            `(spec, values)`: an `AdapterSpec` with a data-free init and a
+            dict of float32 tensors in the stored layouts (`"A"`, `"B"`,
+            plus `"magnitude"` for DoRA).
+
+        Example:
+
+        >>> from keras_lowrank import LowRankDense
+        >>> layer = LowRankDense(6, rank=2, init="pissa")
+        >>> layer.build((None, 5))
+        >>> spec, values = layer.adapter_for_original_kernel("default")
+        >>> spec.rank, spec.init, tuple(values["A"].shape)
+        (4, 'default', (5, 4))
+        """
+        spec = self.adapter_spec(name)
+        variables = self._variables_of(name)
+        values = {
+            key: ops.convert_to_tensor(variables[key])
+            for key in ("A", "B", "magnitude")
+            if key in variables
+        }
+        if not spec.rewrites_kernel:
+            return spec, values
+        layout = self._layout()
+        a, b = adapter_math.original_kernel_factors(
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            layout.a_to_matrix(variables["A0"]),
+            layout.b_to_matrix(variables["B0"]),
+        )
+        rank = min(2 * spec.rank, layout.max_rank)
+        if rank < 2 * spec.rank:
+            a, b = adapter_math.truncate_product(a, b, rank)
+        alpha = adapter_math.alpha_for_rank(
+            spec.alpha, spec.rank, rank, spec.scaling
+        )
+        values["A"] = layout.a_from_matrix(a)
+        values["B"] = layout.b_from_matrix(b)
+        return spec.replace(rank=rank, alpha=alpha, init="default"), values
 
     # --- Keras hooks --------------------------------------------------------
 
@@ -538,14 +695,22 @@ class LowRankLayer:
 
     def _add_adapter_output(self, outputs, base, inputs, name, training):
         spec = self._lowrank.specs[name]
-        variables = self.adapter_variables(name)
+        variables = self._variables_of(name)
         dropped = adapter_math.adapter_dropout(
             inputs, spec.dropout, training, self._lowrank.seed
         )
+        b = variables["B"]
+        if spec.method == "dora":
+            layout = self._layout()
+            norm = self._dora_norm(spec, variables)
+            ratio = ops.divide(
+                variables["magnitude"], layout.units_from_matrix(norm)
+            )
+            b = adapter_math.dora_scaled_b(b, ratio, len(layout.batch_shape))
         lowrank = adapter_math.lowrank_contribution(
             dropped,
             variables["A"],
-            variables["B"],
+            b,
             spec.scale,
             contract_a=self._contract_a,
             contract_b=self._contract_b,
@@ -554,25 +719,51 @@ class LowRankLayer:
         lowrank = ops.cast(lowrank, outputs.dtype)
         if spec.method == "lora":
             return ops.add(outputs, lowrank)
-        layout = self._layout()
-        norm = adapter_math.dora_weight_norm(
-            layout.to_matrix(self._float_kernel()),
-            layout.a_to_matrix(variables["A"]),
-            layout.b_to_matrix(variables["B"]),
-            spec.scale,
-        )
-        ratio = ops.divide(
-            ops.cast(variables["magnitude"], "float32"),
-            layout.units_from_matrix(norm),
-        )
         # Without dropout x_d·W is the x·W already computed: no second matmul.
         base_dropped = base if dropped is inputs else self._base_output(dropped)
+        if self._lowrank.merged:
+            base_dropped = self._unmerged_base_output(dropped, base_dropped)
         return adapter_math.dora_combine(
             outputs,
             base_dropped,
             lowrank,
             self._units_to_output(ratio, len(outputs.shape)),
         )
+
+    def _unmerged_base_output(self, x, y):
+        """`x·W0` from `y = x·W`, W holding merged adapters, in low rank.
+
+        `x·W = (x·W0)·(1 + Σ_j (c_j − 1)) + Σ_i s·(x·A_i)·B_i
+        + Σ_j c_j·s·(x·A_j)·B_j` over merged LoRA adapters `i` and DoRA
+        adapters `j` (see `adapter_math.unmerged_base_kernel`), solved for
+        `x·W0` per output unit, with no kernel-sized temporary.
+        """
+        rho = None
+        for name in self._lowrank.merged:
+            spec = self._lowrank.specs[name]
+            variables = self._variables_of(name)
+            part = adapter_math.lowrank_contribution(
+                x,
+                variables["A"],
+                variables["B"],
+                spec.scale,
+                contract_a=self._contract_a,
+                contract_b=self._contract_b,
+                dtype=self.compute_dtype,
+            )
+            part = ops.cast(part, y.dtype)
+            if spec.method == "dora":
+                c = ops.cast(
+                    self._units_to_output(
+                        ops.divide(variables["magnitude"], variables["norm"]),
+                        len(y.shape),
+                    ),
+                    y.dtype,
+                )
+                part = ops.multiply(c, part)
+                rho = c if rho is None else ops.add(rho, c - 1.0)
+            y = ops.subtract(y, part)
+        return y if rho is None else ops.divide(y, rho)
 
     def get_config(self):
         config = super().get_config()
@@ -607,31 +798,42 @@ class LowRankLayer:
         # adapters go next to them under their names, so that a plain Keras
         # layer loading this file finds more variables than it has and fails
         # loudly instead of silently dropping the adapters.
-        super().save_own_variables(store)
+        self._save_base_variables(store)
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
                 store[f"lowrank_{key}_{name}"] = var
 
     def load_own_variables(self, store):
-        super().load_own_variables(store)
+        self._load_base_variables(store)
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
                 stored = f"lowrank_{key}_{name}"
                 if stored not in store.keys():
                     raise ValueError(
-                        f"{where(self.path)}: the weights file has no "
+                        f"{where(_path_of(self))}: the weights file has no "
                         f"{stored!r}. It was saved from a model without this "
                         "adapter; load it into a matching model."
                     )
                 var.assign(store[stored])
+
+    def _save_base_variables(self, store):
+        """Writes the base layer's own variables as the base class would.
+
+        Dense, EinsumDense and Embedding write a fixed list of variables by
+        name, which leaves the adapters out; subclasses whose base class
+        writes *every* variable override this."""
+        super().save_own_variables(store)
+
+    def _load_base_variables(self, store):
+        super().load_own_variables(store)
 
     # --- internals ------------------------------------------------------------
 
     def _known(self, name):
         if name not in self._lowrank.specs:
             raise ValueError(
-                f"{where(self.path)}: no adapter named {name!r}; this layer "
-                f"has {sorted(self._lowrank.specs)}."
+                f"{where(_path_of(self))}: no adapter named {name!r}; this "
+                f"layer has {sorted(self._lowrank.specs)}."
             )
         return name
 
@@ -662,40 +864,35 @@ class LowRankLayer:
         if spec.method == "dora":
             plan.append(("magnitude", layout.unit_shape, True))
             plan.append(("norm", layout.unit_shape, False))
+        if spec.rewrites_kernel:
+            # The initial factors: with them an adapter file can hold the
+            # equivalent adapter on the original kernel (see
+            # `adapter_for_original_kernel`) and `delete_adapter` can restore
+            # the kernel.
+            plan.append(("A0", layout.a_shape(spec.rank), False))
+            plan.append(("B0", layout.b_shape(spec.rank), False))
         return plan
 
     def _initial_values(self, spec, seed):
+        """Initial `A`, `B` (and `A0`, `B0`, `kernel` for PiSSA/OLoRA); the
+        DoRA magnitude is set afterwards, from the final kernel."""
         layout = self._layout()
         values = {}
-        if spec.init in ("pissa", "olora"):
+        if spec.rewrites_kernel:
             a, b, residual = adapter_math.kernel_factors(
                 spec.init,
                 layout.to_matrix(self._float_kernel()),
                 spec.rank,
                 spec.scale,
+                seed=seed,
             )
-            values["A"] = layout.a_from_matrix(a)
-            values["B"] = layout.b_from_matrix(b)
+            values["A"] = values["A0"] = layout.a_from_matrix(a)
+            values["B"] = values["B0"] = layout.b_from_matrix(b)
             values["kernel"] = layout.from_matrix(residual)
-            kernel_for_norm = residual
         else:
-            a, b = self._data_free_factors(spec, layout, seed)
-            values["A"], values["B"] = a, b
-            kernel_for_norm = None
-        if spec.method == "dora":
-            w = (
-                layout.to_matrix(self._float_kernel())
-                if kernel_for_norm is None
-                else kernel_for_norm
+            values["A"], values["B"] = self._data_free_factors(
+                spec, layout, seed
             )
-            # m starts at ‖W + s·A·B‖ so the adapted layer starts at the base.
-            norm = adapter_math.dora_weight_norm(
-                w,
-                layout.a_to_matrix(values["A"]),
-                layout.b_to_matrix(values["B"]),
-                spec.scale,
-            )
-            values["magnitude"] = layout.units_from_matrix(norm)
         return values
 
     def _data_free_factors(self, spec, layout, seed):
@@ -709,12 +906,18 @@ class LowRankLayer:
 
     def _refresh_trainable(self):
         """Factors train while active and unmerged; the kernel never does;
-        the bias trains when an active adapter asks for `bias="all"`."""
+        the bias trains when an active adapter asks for `bias="all"`.
+
+        A frozen layer (`layer.trainable = False`) keeps every variable
+        frozen: a parent model collects its sublayers' variables by their
+        own flags, so a factor flagged trainable here would still train."""
         self._kernel_variable().trainable = False
         live = [n for n in self._lowrank.active if n not in self._lowrank.merged]
+        if not self.trainable:
+            live = []
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
-                var.trainable = key != "norm" and name in live
+                var.trainable = key in TRAINABLE_KEYS and name in live
         bias = getattr(self, "bias", None)
         if isinstance(bias, keras.Variable):
             bias.trainable = any(
@@ -723,6 +926,96 @@ class LowRankLayer:
 
     def _float_kernel(self):
         return self._kernel_variable()
+
+    def _set_initial_magnitude(self, name, spec):
+        """m = ‖W0 + s·A·B‖, computed exactly as `call` computes the norm, so
+        that `m/‖·‖ = 1` and the adapted layer starts at the base layer."""
+        norm = self._dora_norm(spec, self._variables_of(name))
+        getattr(self, _var_attr("magnitude", name)).assign(
+            self._layout().units_from_matrix(norm)
+        )
+
+    def _check_no_dora(self, action, exclude=None):
+        """Refuses kernel rewrites while a DoRA adapter, whose norm is taken
+        of the kernel, is on the layer."""
+        for other, spec in self._lowrank.specs.items():
+            if other != exclude and spec.method == "dora":
+                raise ValueError(
+                    f"{where(self.path)}: {action}, which would change the "
+                    f"DoRA adapter {other!r} (its norm is taken of the "
+                    "kernel). Delete the DoRA adapter first, or add the "
+                    "PiSSA/OLoRA adapter before it."
+                )
+
+    def _merge_delta(self, name, w0):
+        """What merging `name` adds to the kernel (matrix form, float32),
+        and for DoRA the norm it uses (the stored one while merged)."""
+        spec = self._lowrank.specs[name]
+        variables = self._variables_of(name)
+        layout = self._layout()
+        delta = adapter_math.lowrank_delta(
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            spec.scale,
+        )
+        if spec.method != "dora":
+            return delta, None
+        if name in self._lowrank.merged:
+            norm = layout.units_to_matrix(
+                ops.convert_to_tensor(variables["norm"])
+            )
+        else:
+            norm = self._dora_norm(spec, variables)
+        magnitude = layout.units_to_matrix(
+            ops.convert_to_tensor(variables["magnitude"])
+        )
+        return adapter_math.dora_merge_delta(w0, delta, magnitude, norm), norm
+
+    def _merged_terms(self):
+        """`(delta, ratio)` of every merged adapter, for
+        `adapter_math.unmerged_base_kernel`."""
+        layout = self._layout()
+        terms = []
+        for name in self._lowrank.merged:
+            spec = self._lowrank.specs[name]
+            variables = self._variables_of(name)
+            delta = adapter_math.lowrank_delta(
+                layout.a_to_matrix(variables["A"]),
+                layout.b_to_matrix(variables["B"]),
+                spec.scale,
+            )
+            ratio = None
+            if spec.method == "dora":
+                ratio = layout.units_to_matrix(
+                    ops.divide(variables["magnitude"], variables["norm"])
+                )
+            terms.append((delta, ratio))
+        return terms
+
+    def _base_matrix(self, rounded=False):
+        """`W0`, the kernel without merged adapters, matrix form, float32.
+
+        With `rounded=True` the kernel is first rounded to the compute dtype,
+        as Keras hands it to `call` under a mixed precision policy: DoRA's
+        norm is always taken of that.
+        """
+        kernel = self._float_kernel()
+        if rounded:
+            kernel = ops.cast(kernel, self.compute_dtype)
+        w = self._layout().to_matrix(ops.cast(kernel, "float32"))
+        if self._lowrank.merged:
+            w = adapter_math.unmerged_base_kernel(w, self._merged_terms())
+        return w
+
+    def _dora_norm(self, spec, variables):
+        """`‖W0 + s·A·B‖` per output unit, matrix form `(*batch, k)`."""
+        layout = self._layout()
+        return adapter_math.dora_weight_norm(
+            self._base_matrix(rounded=True),
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            spec.scale,
+        )
 
     @classmethod
     def check_spec(cls, spec, path):
@@ -766,6 +1059,12 @@ class LowRankLayer:
     def _units_to_output(self, units, ndim):
         """Reshapes a `unit_shape` tensor to broadcast against the output."""
         raise NotImplementedError
+
+
+def _path_of(layer):
+    """The layer's path (`None` until built or placed in a model), else its
+    name: what error messages call the layer."""
+    return getattr(layer, "path", None) or getattr(layer, "name", None)
 
 
 def _var_attr(key, name):

@@ -16,6 +16,8 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     output and batch axes (see `einsum_factorization`); `A` has shape
     `(*batch, *in, r)` and `B` `(*batch, r, *out)`. The adapter path is
     `s·einsum(einsum(dropout(x), A), B)`; no kernel-sized update is formed.
+    DoRA keeps one magnitude per output unit, batch axes included (shape
+    `(*batch, *out)`), the norm taken over the input (contracted) axes.
 
     Args:
         equation: the einsum equation, as for `keras.layers.EinsumDense`.
@@ -34,7 +36,7 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     >>> import numpy as np
     >>> layer = LowRankEinsumDense("abc,cde->abde", (None, 12, 32), rank=4)
     >>> y = layer(np.ones((2, 7, 384), "float32"))
-    >>> y.shape, layer.count_params() - 384 * 12 * 32
+    >>> tuple(y.shape), layer.count_params() - 384 * 12 * 32
     ((2, 7, 12, 32), 3072)
     """
 
@@ -81,7 +83,9 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
         einsum_factorization.factorize(layer.equation, path)
 
     def _factorization(self):
-        return einsum_factorization.factorize(self.equation, self.path)
+        return einsum_factorization.factorize(
+            self.equation, self.path or self.name
+        )
 
     @classmethod
     def kernel_layout(cls, layer):

@@ -22,6 +22,11 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
     std `1/r`. Either way the layer starts equal to the plain Embedding.
     Dropout does not apply (the input is token ids), so `dropout` must be 0.
 
+    DoRA follows PEFT's embedding DoRA: one magnitude per embedding
+    dimension, the norm taken over the vocabulary axis (`‖E_:,j + s·(AB)_:,j‖`),
+    and `y = (m/‖·‖)·(E[ids] + s·A[ids]·B)`. The norm reads the whole table
+    each step (`AᵀE`, r×dim), but no vocab×dim matrix is formed.
+
     Args:
         input_dim: vocabulary size, as for `keras.layers.Embedding`.
         output_dim: embedding size.
@@ -40,7 +45,7 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
 
     >>> import numpy as np
     >>> layer = LowRankEmbedding(100, 16, rank=4)
-    >>> layer(np.array([[1, 2, 3]])).shape
+    >>> tuple(layer(np.array([[1, 2, 3]])).shape)
     (1, 3, 16)
     """
 
@@ -110,7 +115,10 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
         return a, b
 
     def _ids(self, inputs):
-        if inputs.dtype not in ("int32", "int64"):
+        if keras.backend.standardize_dtype(inputs.dtype) not in (
+            "int32",
+            "int64",
+        ):
             inputs = ops.cast(inputs, "int32")
         return inputs
 
