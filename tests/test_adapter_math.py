@@ -67,6 +67,24 @@ def test_lowrank_contribution_is_s_xa_b(x_shape):
     _close(out, expected)
 
 
+@pytest.mark.parametrize(
+    "x_shape, contracted_ndim, out_shape",
+    [((4, 6), 1, None), ((2, 3, 6), 1, None), ((2, 3, 2, 3), 2, None),
+     ((2, 3, 6), 1, (5, 1))],
+)
+def test_flat_matmul_is_the_trailing_axes_product(x_shape, contracted_ndim,
+                                                  out_shape):
+    rng = np.random.default_rng(0)
+    x, w = _rand(rng, *x_shape), _rand(rng, 6, 5)
+    out = am.flat_matmul(x, w, contracted_ndim, out_shape)
+    lead = x_shape[: len(x_shape) - contracted_ndim]
+    expected = (x.astype("float64").reshape(-1, 6) @ w).reshape(
+        lead + (out_shape or (5,))
+    )
+    assert tuple(out.shape) == lead + (out_shape or (5,))
+    _close(out, expected)
+
+
 def test_lowrank_contribution_dropout_inactive_at_inference():
     rng = np.random.default_rng(1)
     x, a, b = _rand(rng, 4, 6), _rand(rng, 6, 2), _rand(rng, 2, 3)
@@ -434,6 +452,7 @@ TESTED = TESTED_ELSEWHERE | {
     "relative_error",
     "scaling_factor",
     "lowrank_contribution",
+    "flat_matmul",
     "adapter_dropout",
     "lowrank_delta",
     "merge_kernel",

@@ -172,7 +172,8 @@ def run(args):
             "steps": args.steps,
             "memory": {
                 "subprocess": "peak RSS per entry, own process, over "
-                f"{args.memory_steps} steps after warm-up",
+                f"{args.memory_steps} steps after warm-up"
+                + ("" if args.sweep_memory else " (MiniLM/compare blocks only)"),
                 "inprocess": "in-process (not per entry)",
                 "off": "not measured",
             }[args.memory],

@@ -225,6 +225,8 @@ def markdown(result):
         table = sweep_table(records, role, variable)
         if table:
             workload = next(r["workload"] for r in records if r["role"] == role)
+            if role == "width_sweep":  # one workload per width: drop "d=..."
+                workload = workload.split(" d=")[0] + workload.split(",", 1)[1]
             out += [f"**{title}** ({workload}; training step, ms):", "", table]
     return "\n".join(out)
 
