@@ -20,7 +20,9 @@ def _module_names():
     for info in pkgutil.walk_packages(
         keras_lowrank.__path__, prefix=keras_lowrank.__name__ + "."
     ):
-        names.append(info.name)
+        # A `__main__` module runs its program when imported.
+        if not info.name.endswith(".__main__"):
+            names.append(info.name)
     return sorted(names)
 
 
