@@ -27,6 +27,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank.layers import quantized
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.spec import where
@@ -99,6 +100,7 @@ class LowRankLayer:
             else list(self._lowrank_pending)
         )
         self._lowrank_pending_merged = list(merged_adapters or [])
+        quantized.install_layer_hook(self)
 
     def _build_adapters(self):
         """Creates the recorded adapters; called at the end of `build`.
@@ -220,13 +222,9 @@ class LowRankLayer:
                 f"floating-point kernel ({', '.join(SUPPORTED_DTYPES)}). Use "
                 "a float dtype policy for this layer, or exclude it."
             )
-        if layer.quantization_mode is not None:
-            raise TypeError(
-                f"{where(path)}: the layer is quantized "
-                f"({layer.quantization_mode!r}); quantized bases are not "
-                "supported by this version. Adapt the model before "
-                "`model.quantize(...)`, or exclude the layer."
-            )
+        quantized.check_mode(
+            layer.quantization_mode, path, "adapt a layer quantized with"
+        )
         cls._check_geometry(layer, path)
 
     @classmethod
@@ -243,6 +241,7 @@ class LowRankLayer:
         layer.__class__ = cls
         layer._lowrank = _AdapterState(original)
         layer._lowrank_pending = {}
+        quantized.install_layer_hook(layer)
         _refresh_call_signature(layer)
 
     @classmethod
@@ -260,6 +259,7 @@ class LowRankLayer:
             _untrack(layer, "lowrank_seed")
         del layer._lowrank
         del layer._lowrank_pending
+        quantized.remove_layer_hook(layer)
         layer.__class__ = original
         _refresh_call_signature(layer)
 
@@ -345,6 +345,13 @@ class LowRankLayer:
                 f"most {layout.max_rank}."
             )
         self.check_spec(spec, path)
+        if spec.init in ("pissa", "olora") and self.quantization_mode and not restore:
+            raise ValueError(
+                f"{where(path)}: init={spec.init!r} rewrites the kernel, "
+                f"which is quantized ({self.quantization_mode!r}) and cannot "
+                "be rewritten. Adapt the float model first, then "
+                "`model.quantize(...)`: the residual kernel gets quantized."
+            )
         if spec.init in ("pissa", "olora") and self._lowrank.merged:
             raise ValueError(
                 f"{where(path)}: init={spec.init!r} rewrites the kernel, "
@@ -464,7 +471,11 @@ class LowRankLayer:
 
     def merge(self, names=None):
         """Folds adapters (default: every active, unmerged one) into the
-        kernel. Merging an adapter twice does nothing the second time."""
+        kernel. Merging an adapter twice does nothing the second time.
+
+        A quantized kernel is refused: merging into it would be lossy and
+        could not be undone. `dequantize()` it first.
+        """
         names = self._lowrank.active if names is None else list(names)
         for name in names:
             self._known(name)
@@ -473,6 +484,8 @@ class LowRankLayer:
                     f"{where(self.path)}: adapter {name!r} is not active; "
                     "only active adapters can be merged (`set_adapter` it)."
                 )
+        if any(name not in self._lowrank.merged for name in names):
+            self.check_mergeable()
         kernel = self._kernel_variable()
         layout = self._layout()
         for name in names:
@@ -524,7 +537,35 @@ class LowRankLayer:
             self._lowrank.merged.remove(name)
         self._refresh_trainable()
 
+    def check_mergeable(self):
+        """Raises if the kernel is quantized (see `merge`)."""
+        if self.quantization_mode is None:
+            return
+        raise ValueError(
+            f"{where(self.path)}: the kernel is quantized "
+            f"({self.quantization_mode!r}); merging adapters into it would be "
+            "lossy and could not be undone. Use "
+            "keras_lowrank.merge(model, quantized='dequantize') (float kernel,"
+            " exact) or keras_lowrank.unload(model, quantized='requantize') "
+            "(merged, then quantized again; the error is reported)."
+        )
+
+    def dequantize(self):
+        """Turns a quantized kernel into the float kernel it stands for, in
+        place (the layer stops being quantized; merging is then exact).
+
+        Returns:
+            `(mode, config)` to quantize the layer the same way again, or
+            `(None, None)` if it was not quantized.
+        """
+        return quantized.dequantize(self)
+
     # --- Keras hooks --------------------------------------------------------
+
+    def quantized_call(self, *args, **kwargs):
+        # Keras calls this instead of `call` on a quantized layer; the base
+        # path inside `call` uses Keras's quantized matmul (see `quantized`).
+        return self.call(*args, **kwargs)
 
     def call(self, inputs, training=None):
         base = self._base_output(inputs)
@@ -722,6 +763,8 @@ class LowRankLayer:
             )
 
     def _float_kernel(self):
+        if self.quantization_mode is not None:
+            return quantized.dequantized_kernel(self)
         return self._kernel_variable()
 
     @classmethod
