@@ -28,6 +28,7 @@ from keras import ops
 
 from keras_lowrank import adapter_math
 from keras_lowrank.layers import quantized
+from keras_lowrank.layers import sharding
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.spec import where
@@ -362,12 +363,9 @@ class LowRankLayer:
         try:
             with self._unlocked_scope():
                 for key, shape, trainable in self._variable_plan(spec, layout):
-                    var = self.add_weight(
-                        name=f"lowrank_{key}_{name}",
-                        shape=shape,
-                        initializer="zeros",
-                        dtype="float32",
-                        trainable=trainable,
+                    var = sharding.create_adapter_variable(
+                        self, key, f"lowrank_{key}_{name}", shape, trainable,
+                        layout,
                     )
                     setattr(self, _var_attr(key, name), var)
                     created.append(key)
