@@ -46,6 +46,7 @@ class _AdapterState:
         self.active = []  # names whose contribution is added in `call`
         self.merged = []  # names currently folded into the kernel
         self.seed = None  # SeedGenerator for adapter dropout, made on demand
+        self.replay = {}  # name -> dropout seed drawn outside a remat call
 
 
 class LowRankLayer:
@@ -575,11 +576,58 @@ class LowRankLayer:
                 )
         return self._finish_output(outputs)
 
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Keras's rematerialisation (`keras.RematScope`), made to work with
+        `training` and with adapter dropout.
+
+        Keras rematerialises `layer_call(*args, **kwargs)` as a whole. Two
+        things break that for layers taking `training` (plain Keras layers
+        included): `jax.checkpoint` turns the Python `training` flag into a
+        traced value, and TensorFlow's `recompute_grad` refuses keyword
+        arguments in graph mode. And dropout drawn from a stateful seed inside
+        the rematerialised function either leaks a traced seed (JAX) or draws
+        a different mask when recomputed. So the keyword arguments are bound
+        outside, and each adapter's dropout seed is drawn outside and passed
+        in, so the recomputation replays the same mask.
+        """
+        keras_remat = super().rematerialized_call
+
+        def call(*call_args, **call_kwargs):
+            seeds = self._draw_dropout_seeds(call_kwargs.get("training"))
+
+            def rematerialized(*tensors):
+                drawn = tensors[len(call_args):]
+                self._lowrank.replay = dict(zip(seeds, drawn))
+                try:
+                    return layer_call(*tensors[: len(call_args)], **call_kwargs)
+                finally:
+                    self._lowrank.replay = {}
+
+            remat_fn = keras_remat(rematerialized, *call_args, **call_kwargs)
+            return remat_fn(*call_args, *seeds.values())
+
+        return call
+
+    def _draw_dropout_seeds(self, training):
+        if not training or self._lowrank.seed is None:
+            return {}
+        return {
+            name: self._lowrank.seed.next()
+            for name in self._lowrank.active
+            if name not in self._lowrank.merged
+            and self._lowrank.specs[name].dropout
+        }
+
+    def _dropout_seed(self, name):
+        if name in self._lowrank.replay:
+            return _ReplayedSeed(self._lowrank.replay[name])
+        return self._lowrank.seed
+
     def _add_adapter_output(self, outputs, base, inputs, name, training):
         spec = self._lowrank.specs[name]
         variables = self.adapter_variables(name)
         dropped = adapter_math.adapter_dropout(
-            inputs, spec.dropout, training, self._lowrank.seed
+            inputs, spec.dropout, training, self._dropout_seed(name)
         )
         lowrank = adapter_math.lowrank_contribution(
             dropped,
@@ -807,6 +855,20 @@ class LowRankLayer:
     def _units_to_output(self, units, ndim):
         """Reshapes a `unit_shape` tensor to broadcast against the output."""
         raise NotImplementedError
+
+
+class _ReplayedSeed(keras.random.SeedGenerator):
+    """A dropout seed drawn before a rematerialised call, replayed inside it
+    (and again when the backward pass recomputes it)."""
+
+    def __init__(self, value):
+        # No state variable: this seed never advances. (`_initial_seed` set:
+        # the torch backend then draws from this seed, not its global RNG.)
+        self._value = value
+        self._initial_seed = 0
+
+    def next(self, ordered=True):
+        return self._value
 
 
 def _var_attr(key, name):
