@@ -14,7 +14,8 @@ For each base, the script builds the same MLP stack (d=512, 2048 hidden,
 
 It also measures what a `.keras` round trip does to outputs, for Keras's
 built-in LoRA (which merges and re-quantizes on save) and for keras_lowrank
-(which keeps the integer kernel and the factors as they are).
+(which keeps the integer kernel and the factors as they are), and what
+`unload(model, quantized="requantize"|"dequantize")` does to them.
 
 JAX only: it reads XLA's memory accounting. Numbers are for the CPU it runs
 on; the memory columns do not depend on the machine's load, the times do.
@@ -159,6 +160,25 @@ def round_trip_change(mode, how, rank=8, seed=0):
     return float(np.abs(after - before).max()), float(np.abs(before).max())
 
 
+def unload_change(mode, quantized, rank=8, seed=0):
+    """Largest output change `unload(model, quantized=...)` makes to the same
+    adapted, quantized model as `round_trip_change`."""
+    model = build(dim=64, hidden=256, blocks=2, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, 16, 64)).astype("float32")
+    keras_lowrank.adapt(model, rank=rank, targets=["up_*", "down_*"])
+    _quantize(model, mode)
+    for layer in keras_lowrank.model_state.adapted_layers(model):
+        for var in layer.adapter_variables("default").values():
+            var.assign(rng.normal(size=var.shape).astype("float32") * 0.1)
+    before = keras.ops.convert_to_numpy(model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keras_lowrank.unload(model, quantized=quantized)
+    after = keras.ops.convert_to_numpy(model(x))
+    return float(np.abs(after - before).max())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -189,6 +209,13 @@ def main(argv=None):
         ours, _ = round_trip_change(mode, "keras_lowrank")
         print(f"| {mode} | {keras_change:.4f} | {ours:.4f} | {top:.2f} |",
               flush=True)
+    print()
+    print("| base | unload(quantized='requantize') |"
+          " unload(quantized='dequantize') |")
+    print("| --- | ---: | ---: |")
+    for mode in ("int8", "int4"):
+        print(f"| {mode} | {unload_change(mode, 'requantize'):.4f}"
+              f" | {unload_change(mode, 'dequantize'):.4f} |", flush=True)
 
 
 if __name__ == "__main__":
