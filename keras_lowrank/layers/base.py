@@ -347,7 +347,8 @@ class LowRankLayer:
                 f"most {layout.max_rank}."
             )
         self.check_spec(spec, path)
-        if spec.init in ("pissa", "olora") and self.quantization_mode and not restore:
+        rewrites_kernel = spec.init in ("pissa", "olora") and not restore
+        if rewrites_kernel and self.quantization_mode is not None:
             raise ValueError(
                 f"{where(path)}: init={spec.init!r} rewrites the kernel, "
                 f"which is quantized ({self.quantization_mode!r}) and cannot "

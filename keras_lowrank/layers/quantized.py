@@ -257,11 +257,7 @@ def dequantize(layer):
         return None, None
     requantize_as = (mode, _config_for_requantize(layer, mode))
     value = dequantized_kernel(layer)
-    is_embedding = isinstance(layer, keras.layers.Embedding)
-    attr, name = ("_embeddings", "embeddings") if is_embedding else (
-        "_kernel",
-        "kernel",
-    )
+    attr, name = _kernel_attr(layer)
     source = effective_policy(layer).get_config().get("source_name")
     float_policy = keras.dtype_policies.get(source or "float32")
     with layer._unlocked_scope():
@@ -283,6 +279,13 @@ def dequantize(layer):
     layer.dtype_policy = float_policy
     _retrack(layer)
     return requantize_as
+
+
+def _kernel_attr(layer):
+    """`(attribute, variable name)` of the layer's kernel."""
+    if isinstance(layer, keras.layers.Embedding):
+        return "_embeddings", "embeddings"
+    return "_kernel", "kernel"
 
 
 def _config_for_requantize(layer, mode):
@@ -459,10 +462,7 @@ def requantize_merged(dequantized):
     """
     errors = {}
     for layer, mode, config in dequantized:
-        kernel = layer._embeddings if isinstance(
-            layer, keras.layers.Embedding
-        ) else layer._kernel
-        merged = ops.convert_to_tensor(kernel)
+        merged = ops.convert_to_tensor(getattr(layer, _kernel_attr(layer)[0]))
         path = layer.path
         requantize(layer, mode, config)
         errors[path] = (mode,) + requantization_error(merged, layer)
