@@ -3,7 +3,8 @@
     KERAS_BACKEND=jax python scripts/bench_quantized.py [--quick]
 
 For each base, the script builds the same MLP stack (d=512, 2048 hidden,
-4 blocks; every Dense adapted at rank 16), then measures
+4 blocks; every Dense adapted at rank 16), then measures, for a batch of
+8×128 tokens (activations dominate) and of 1×16 tokens (weights dominate)
 
 - frozen-weight bytes: every non-trainable variable (kernels, scales, biases);
 - adapter bytes: the trainable factors (float32 in every case);
@@ -187,17 +188,24 @@ def main(argv=None):
     shape = dict(dim=128, hidden=512, blocks=2) if args.quick else {}
     print(f"backend {keras.backend.backend()}, devices {jax.devices()}")
     print()
-    print("| base | frozen weights | adapters | step peak | step temp |"
-          " step time |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    workloads = ((8, 128), (1, 16))  # activations dominate / weights do
+    header = "| base | frozen weights | adapters |"
+    for batch, seq in workloads:
+        header += f" step peak, {batch}×{seq} | step temp | step time |"
+    print(header)
+    print("| --- " + "| ---: " * (2 + 3 * len(workloads)) + "|")
     for base in BASES:
-        row = measure(base, **shape)
+        cells = []
+        for batch, seq in workloads:
+            row = measure(base, batch=batch, seq=seq, **shape)
+            cells.append(
+                f" {row['step_peak_bytes'] / 2**20:.1f} MiB"
+                f" | {row['step_temp_bytes'] / 2**20:.1f} MiB"
+                f" | {row['step_ms']:.1f} ms |"
+            )
         print(
             f"| {base} | {row['frozen_bytes'] / 2**20:.2f} MiB"
-            f" | {row['adapter_bytes'] / 2**20:.2f} MiB"
-            f" | {row['step_peak_bytes'] / 2**20:.1f} MiB"
-            f" | {row['step_temp_bytes'] / 2**20:.1f} MiB"
-            f" | {row['step_ms']:.1f} ms |",
+            f" | {row['adapter_bytes'] / 2**20:.2f} MiB |" + "".join(cells),
             flush=True,
         )
     print()
