@@ -3,6 +3,13 @@
 See README.md for a quick start and docs/ for the guides.
 """
 
+from keras_lowrank.adapter_files import load_adapter
+from keras_lowrank.adapter_files import read_adapter_config
+from keras_lowrank.adapter_files import save_adapter
+from keras_lowrank.combine import Combination
+from keras_lowrank.combine import combine
+from keras_lowrank.integrations.peft import export_peft_adapter
+from keras_lowrank.integrations.peft import load_peft_adapter
 from keras_lowrank.layers import LowRankConv1D
 from keras_lowrank.layers import LowRankConv2D
 from keras_lowrank.layers import LowRankConv3D

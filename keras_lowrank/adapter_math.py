@@ -109,7 +109,8 @@ def adapter_dropout(x, rate, training, seed=None):
     """
     if not rate or not training:
         return x
-    return keras.random.dropout(x, rate, seed=seed)
+    # The torch backend's seeded dropout needs a tensor, not a NumPy array.
+    return keras.random.dropout(ops.convert_to_tensor(x), rate, seed=seed)
 
 
 def lowrank_delta(a, b, scale):
@@ -137,6 +138,110 @@ def unmerge_kernel(w, delta):
     """`W − ΔW`: the inverse of `merge_kernel` (exact up to float rounding)."""
     dtype = w.dtype
     return ops.cast(ops.subtract(ops.cast(w, "float32"), delta), dtype)
+
+
+# --- Combining adapters -------------------------------------------------------
+#
+# A combination of adapters i with weights w_i and scales s_i aims at
+# ΔW = Σ c_i·A_i·B_i with c_i = w_i·s_i. The factors below carry the c_i
+# themselves, so the combined adapter has scale 1.
+
+
+def _signed_roots(coefficients):
+    """`(sign(c)·sqrt(|c|), sqrt(|c|))` per coefficient: the A and B sides."""
+    roots = [math.sqrt(abs(float(c))) for c in coefficients]
+    signs = [-1.0 if float(c) < 0 else 1.0 for c in coefficients]
+    return [s * r for s, r in zip(signs, roots)], roots
+
+
+def combine_linear(a_list, b_list, coefficients):
+    """Weighted sums of factors of equal rank (PEFT's `"linear"`).
+
+    `A = Σ sign(c_i)·sqrt(|c_i|)·A_i` and `B = Σ sqrt(|c_i|)·B_i`, so
+    `A·B = Σ_i c_i·A_i·B_i + Σ_{i≠j} sign(c_i)·sqrt(|c_i·c_j|)·A_i·B_j`: the
+    weighted sum of the deltas plus cross terms. Exact only when the cross
+    terms vanish (a single adapter, say); the price of keeping rank `r`.
+
+    Args:
+        a_list: `A_i`, each `(..., d, r)` (matrix form), same `r`.
+        b_list: `B_i`, each `(..., r, k)`.
+        coefficients: `c_i` (Python floats): weight times scale.
+
+    Returns:
+        `(a, b)` in float32, rank `r`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.ones((3, 1), "float32"); b = np.ones((1, 2), "float32")
+    >>> na, nb = combine_linear([a], [b], [4.0])
+    >>> keras.ops.convert_to_numpy(na @ nb)[0]
+    array([4., 4.], dtype=float32)
+    """
+    a_side, b_side = _signed_roots(coefficients)
+    a = sum(ops.cast(x, "float32") * c for x, c in zip(a_list, a_side))
+    b = sum(ops.cast(x, "float32") * c for x, c in zip(b_list, b_side))
+    return a, b
+
+
+def combine_cat(a_list, b_list, coefficients):
+    """Factors stacked along the rank axis (PEFT's `"cat"`): exact.
+
+    `A = [sign(c_1)·sqrt(|c_1|)·A_1, ...]`, `B = [sqrt(|c_1|)·B_1; ...]`, so
+    `A·B = Σ c_i·A_i·B_i` exactly, at rank `Σ r_i`.
+
+    Returns:
+        `(a, b)` in float32.
+    """
+    a_side, b_side = _signed_roots(coefficients)
+    a = ops.concatenate(
+        [ops.cast(x, "float32") * c for x, c in zip(a_list, a_side)], axis=-1
+    )
+    b = ops.concatenate(
+        [ops.cast(x, "float32") * c for x, c in zip(b_list, b_side)], axis=-2
+    )
+    return a, b
+
+
+def truncate_product(a, b, rank):
+    """The best rank-`rank` approximation of `A·B` (Eckart–Young), as factors.
+
+    Never forms the d×k product: with `A = Q_a·R_a` and `Bᵀ = Q_b·R_b`,
+    `A·B = Q_a·(R_a·R_bᵀ)·Q_bᵀ`, so the SVD of the small core
+    `R_a·R_bᵀ = U·S·Vᵀ` gives `A·B`'s. The result is `A' = Q_a·U_t·sqrt(S_t)`,
+    `B' = sqrt(S_t)·V_tᵀ·Q_bᵀ` with `t = min(rank, min(d, R, k))`.
+
+    Args:
+        a: `(..., d, R)`.
+        b: `(..., R, k)`.
+        rank: the target rank.
+
+    Returns:
+        `(a, b)` in float32, of rank `t`.
+    """
+    a = ops.cast(a, "float32")
+    b = ops.cast(b, "float32")
+    q_a, r_a = ops.qr(a, mode="reduced")
+    q_b, r_b = ops.qr(_swap_last(b), mode="reduced")
+    core = ops.matmul(r_a, _swap_last(r_b))
+    u, s_vals, vt = ops.svd(core, full_matrices=False, compute_uv=True)
+    t = min(int(rank), int(s_vals.shape[-1]))
+    root = ops.sqrt(s_vals[..., :t])
+    new_a = ops.matmul(q_a, u[..., :, :t]) * ops.expand_dims(root, -2)
+    new_b = ops.expand_dims(root, -1) * ops.matmul(vt[..., :t, :], _swap_last(q_b))
+    return new_a, new_b
+
+
+def relative_error(approx, target):
+    """`‖approx − target‖_F / ‖target‖_F` over all axes, as a Python float
+    (0.0 when both are zero)."""
+    approx = ops.cast(approx, "float32")
+    target = ops.cast(target, "float32")
+    diff = float(ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(approx - target)))))
+    norm = float(ops.convert_to_numpy(ops.sqrt(ops.sum(ops.square(target)))))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / norm
 
 
 # --- DoRA -------------------------------------------------------------------
@@ -188,8 +293,12 @@ def dora_combine(base, base_dropped, lowrank, ratio):
         lowrank: `s·(x_d·A)·B`.
         ratio: `m / ‖W + s·A·B‖`, broadcastable to the output.
     """
+    base = ops.convert_to_tensor(base)
     ratio = ops.cast(ratio, base.dtype)
-    return base + (ratio - 1.0) * base_dropped + ratio * lowrank
+    return ops.add(
+        ops.add(base, ops.multiply(ops.subtract(ratio, 1.0), base_dropped)),
+        ops.multiply(ratio, lowrank),
+    )
 
 
 def dora_merged_kernel(w, delta, magnitude, norm):

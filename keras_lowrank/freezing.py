@@ -14,12 +14,13 @@ set_adapter, delete, load), so it never depends on history:
   to inference behaviour, as Keras users expect of a frozen layer.
 """
 
-import keras
+import warnings
 
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.model_state import state_of
 from keras_lowrank.walk import own_weights
 from keras_lowrank.walk import sublayers
+from keras_lowrank.walk import bias_weights
 from keras_lowrank.walk import walk
 
 
@@ -46,8 +47,7 @@ def apply(model):
                 weight.trainable = False
     if bias_everywhere:
         for visit in visits:
-            bias = getattr(visit.layer, "bias", None)
-            if isinstance(bias, keras.Variable):
+            for bias in bias_weights(visit.layer):
                 bias.trainable = True
     reset_compiled_functions(model)
 
@@ -91,3 +91,46 @@ def refresh_torch_parameters(model):
     for layer in [model] + [visit.layer for visit in walk(model)]:
         layer._track_variables()
 
+
+
+def trainable_ids(model):
+    """The identity of `model`'s trainable variables, in order: what an
+    optimizer is built for. Compare before and after an adapter change."""
+    return [id(v) for v in model.trainable_variables]
+
+
+def refresh_optimizer(model, before):
+    """Gives `model` a fresh optimizer if its trainable variables changed.
+
+    A Keras optimizer is built for one list of variables (it keeps a slot per
+    variable, Adam's moments for instance). After switching adapters the model
+    trains other variables: the TensorFlow and PyTorch backends then refuse
+    to train ("Unknown variable"), and the JAX backend would silently apply
+    the previous adapter's optimizer state to the new variables. So when the
+    trainable variables differ from `before` and the model's optimizer is
+    already built, the optimizer is replaced by a new, unbuilt instance of the
+    same class with the same configuration (learning rate, schedule, ...): the
+    next `fit` builds it for the variables that train now. Its state (moments,
+    iteration count) starts afresh, as with a new optimizer in PEFT.
+
+    Args:
+        model: the model.
+        before: `trainable_ids(model)` taken before the change.
+    """
+    if trainable_ids(model) == before:
+        return
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return
+    try:
+        fresh = type(optimizer).from_config(optimizer.get_config())
+    except Exception as error:  # a custom optimizer without a config round trip
+        warnings.warn(
+            f"keras_lowrank: the trainable variables of model '{model.name}' "
+            f"changed, but its optimizer ({type(optimizer).__name__}) could "
+            f"not be re-created from its config ({error}). Call "
+            "model.compile(...) again before the next fit().",
+            stacklevel=3,
+        )
+        return
+    model.optimizer = fresh

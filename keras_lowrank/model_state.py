@@ -19,8 +19,12 @@ Only public Keras APIs are used: `register_keras_serializable`,
 `get_custom_objects`, `get_registered_name`, `deserialize_keras_object`.
 """
 
-import keras
+import urllib.parse
 
+import keras
+import numpy as np
+
+from keras_lowrank import owned
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.layers import quantized
@@ -31,6 +35,7 @@ from keras_lowrank.walk import walk
 
 MANIFEST_FORMAT = 1
 REGISTERED_NAME = "keras_lowrank>AdaptedModel"
+_STASH_PREFIX = "lowrank_stash:"
 
 
 class ModelState:
@@ -38,21 +43,40 @@ class ModelState:
 
     Attributes:
         options: adapter name -> the JSON-ready options `adapt()` was called
-            with (rank, alpha, targets as given, bias policy, ...).
+            with (rank, alpha, targets as given, bias policy, ...), plus the
+            resolved `"layers"` it adapts, the `"kept"` layer paths it keeps
+            fully trainable and the `"owned"` weight keys it has its own copy
+            of (see `keras_lowrank.owned`).
         active: names of the active adapters, in order.
-        kept: paths of layers kept fully trainable (a task head, or the
-            user's `trainable=[...]`).
         frozen_before: paths of layers that were already frozen before the
             first `adapt()`; `unload` restores them.
         disabled: while True (inside `disable_adapters`), no adapter applies.
+        stash: owner (adapter name or `owned.BASE`) -> `{key: np.ndarray}`,
+            the owned values not currently in the model's variables.
+        holders: key -> the adapter whose value the variable holds now
+            (absent: the base model's).
     """
 
     def __init__(self):
         self.options = {}
         self.active = []
-        self.kept = []
         self.frozen_before = []
         self.disabled = False
+        self.stash = {}
+        self.holders = {}
+
+    @property
+    def kept(self):
+        """Paths of the layers that train fully now: those kept by the
+        active adapters (a task head, or the user's `trainable=[...]`)."""
+        out = []
+        if self.disabled:
+            return out
+        for name in self.active:
+            for path in self.options[name].get("kept", []):
+                if path not in out:
+                    out.append(path)
+        return out
 
 
 def state_of(model, required=True):
@@ -99,6 +123,37 @@ class AdaptedModel:
             inner["build_config"] = build_config
         return {"model": inner, "adapters": manifest(self)}
 
+    # The values adapters own but do not hold right now (their copies of a
+    # task head, say) live outside any Keras variable. They are written next
+    # to the model's own variables, each under a name that says whose copy of
+    # which weight it is ("lowrank_stash:<owner>:<quoted key>"); no Keras
+    # layer uses such names.
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for owner, key, value in owned.stash_entries(state_of(self)):
+            store[_stash_name(owner, key)] = value
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        own = {k: store[k] for k in keys if not k.startswith(_STASH_PREFIX)}
+        super().load_own_variables(own)
+        stored = {
+            _stash_entry(k): np.asarray(store[k])
+            for k in keys
+            if k.startswith(_STASH_PREFIX)
+        }
+        state = state_of(self)
+        stash, holders = owned.stash_from_entries(self, state, stored)
+        state.stash, state.holders = stash, holders
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        # The file's variables hold the values of the adapters that were
+        # active when it was saved; swap in those of the adapters active now.
+        result = super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        owned.sync(self, state_of(self))
+        return result
+
     @classmethod
     def from_config(cls, config, custom_objects=None):
         if "model" not in config or "adapters" not in config:
@@ -128,8 +183,11 @@ def mark_adapted(model):
     original = type(model)
     cls = _ADAPTED_CLASSES.get(original)
     if cls is None:
+        # The class name is what Keras writes as `class_name` and quotes when
+        # it cannot find the class: on a machine without keras_lowrank the
+        # error then says which package is missing.
         cls = type(
-            original.__name__,
+            f"keras_lowrank.AdaptedModel[{original.__name__}]",
             (AdaptedModel, original),
             {
                 "__module__": original.__module__,
@@ -158,6 +216,15 @@ def unmark_adapted(model):
 # --- manifest ---------------------------------------------------------------
 
 
+def _stash_name(owner, key):
+    return f"{_STASH_PREFIX}{owner}:{urllib.parse.quote(key, safe='')}"
+
+
+def _stash_entry(name):
+    owner, _, key = name[len(_STASH_PREFIX):].partition(":")
+    return owner, urllib.parse.unquote(key)
+
+
 def manifest(model):
     """A JSON-ready description of every adapter in `model`."""
     state = state_of(model)
@@ -181,6 +248,11 @@ def manifest(model):
         "kept": list(state.kept),
         "frozen_before": list(state.frozen_before),
         "layers": layers,
+        "holders": dict(state.holders),
+        "stash": [
+            [owner, key, list(value.shape), str(value.dtype)]
+            for owner, key, value in owned.stash_entries(state)
+        ],
     }
 
 
@@ -228,10 +300,19 @@ def restore(model, manifest_):
             layer.add_adapter(name, spec, restore=True)
         layer.restore_state(entry["active"], entry["merged"])
     state = ModelState()
-    state.options = dict(manifest_["options"])
+    state.options = {
+        name: dict(options) for name, options in manifest_["options"].items()
+    }
+    for options in state.options.values():
+        options.setdefault("kept", list(manifest_.get("kept", [])))
+        options.setdefault("owned", [])
     state.active = list(manifest_["active"])
-    state.kept = list(manifest_["kept"])
     state.frozen_before = list(manifest_.get("frozen_before", []))
+    state.holders = dict(manifest_.get("holders", {}))
+    # Placeholders of the right shapes; `AdaptedModel.load_own_variables`
+    # replaces them with the weights file's values right after this.
+    for owner, key, shape, _ in manifest_.get("stash", []):
+        state.stash.setdefault(owner, {})[key] = np.zeros(shape, "float32")
     model._keras_lowrank = state
     mark_adapted(model)
     freezing.apply(model)

@@ -112,6 +112,31 @@ class AdapterSpec:
                 f"{self.dropout!r}. Pass dropout=0.0 to disable it."
             )
 
+    @classmethod
+    def checked(cls, path=None, **options):
+        """`AdapterSpec(**options)`, but a bad option's error names `path`.
+
+        The layers and `from_layer` use this so that a message says which
+        layer was being adapted, e.g. "keras_lowrank: layer 'encoder/query':
+        rank must be a positive integer, got 0. ..."
+        """
+        known = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(
+                f"{where(path)}: unknown adapter option(s) {unknown}; known "
+                f"options are {sorted(known)}."
+            )
+        if all(
+            name in options or default is not dataclasses.MISSING
+            for name, default in known.items()
+        ):
+            draft = object.__new__(cls)
+            for name, default in known.items():
+                object.__setattr__(draft, name, options.get(name, default))
+            draft.validate(path)
+        return cls(**options)  # a missing `rank` raises Python's TypeError
+
     @property
     def scale(self):
         """The factor `s` that multiplies `A·B`."""
@@ -132,16 +157,16 @@ class AdapterSpec:
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config, path=None):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(
-                f"keras_lowrank: unknown adapter option(s) {unknown}; known "
+                f"{where(path)}: unknown adapter option(s) {unknown}; known "
                 f"options are {sorted(known)}. The file or config was written "
                 "by a newer keras_lowrank: upgrade keras_lowrank."
             )
-        return cls(**config)
+        return cls.checked(path, **config)
 
 
 def _check_choice(at, option, value, choices):

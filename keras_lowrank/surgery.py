@@ -6,22 +6,26 @@ all-or-nothing: every check runs before the first change, and a failure
 half-way rolls every change back.
 """
 
+import gc
 import numbers
 
 import keras
 
 from keras_lowrank import freezing
+from keras_lowrank import owned
 from keras_lowrank import targets as targeting
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.model_state import ModelState
 from keras_lowrank.model_state import adapted_layers
+from keras_lowrank.model_state import adapted_visits
 from keras_lowrank.model_state import mark_adapted
 from keras_lowrank.model_state import state_of
 from keras_lowrank.model_state import unmark_adapted
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.walk import sublayers
 from keras_lowrank.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
@@ -111,37 +115,98 @@ def adapt(
     )
     chosen = targeting.select_layers(model, targets, exclude)
     plan = [
-        (visit, _spec_for(visit, base_spec, rank_pattern, alpha_pattern))
+        (visit, _spec_for(
+            visit, base_spec, rank_pattern, alpha_pattern, alpha is not None
+        ))
         for visit in chosen
     ]
     _check_plan(model, plan, name)
-    kept = _kept_paths(model, trainable)
+    kept = _kept_paths(model, trainable, plan)
+    record = _options_record(
+        rank, alpha, targets, exclude, dropout, scaling, method, init,
+        bias, trainable, rank_pattern, alpha_pattern,
+        [visit.path for visit, _ in plan], kept,
+    )
+    install(model, name, plan, record, seed=seed)
+    return model
 
-    snapshot = _Snapshot(model, [visit.layer for visit, _ in plan], init)
+
+def install(model, name, plan, record, seed=None, factors=None, owned_values=None):
+    """Adds adapter `name` to the layers of `plan` and makes it the only
+    active adapter; the one path `adapt()`, `combine()` and `load_adapter()`
+    share. All-or-nothing: a failure rolls every change back.
+
+    Args:
+        model: a built model (adapted or not).
+        name: the new adapter's name (checked by the caller).
+        plan: `[(walk.Visit, AdapterSpec)]`, checked with `_check_plan`.
+        record: the JSON-ready options record (`_options_record`); its
+            `"kept"` and `"bias"` entries say what the adapter owns.
+        seed: seed for the initial factors (when `factors` is None).
+        factors: `{path: {"A": array, "B": array, ...}}`: values for the
+            factors, in the layers' stored layouts; `None` initialises them.
+        owned_values: `{key: array}`: the adapter's copies of the weights it
+            owns (the record's `"owned"` keys, computed from `"kept"` and
+            `"bias"` when absent); missing keys start as copies of the base
+            model's values.
+    """
+    state = state_of(model, required=False)
+    if state is not None and name in state.options:
+        raise ValueError(
+            f"keras_lowrank: model '{model.name}' already has an adapter "
+            f"named {name!r}. Use another name, or "
+            "keras_lowrank.delete_adapter(model, name) first."
+        )
+    _check_activatable(model, [name])
+    keys = record.get("owned")
+    if keys is None:
+        keys = owned.keys_for(
+            model, record["kept"], record["bias"], record["layers"]
+        )
+        record = {**record, "owned": keys}
+    variables = []
+    if state is not None:
+        variables = list(owned.resolve(model, owned.all_keys(state)).values())
+    variables += list(owned.resolve(model, keys).values())
+    before = freezing.trainable_ids(model)
+    init = plan[0][1].init if plan else "default"
+    layers = {id(v.layer): v.layer for v, _ in plan}
+    layers.update({id(layer): layer for layer in adapted_layers(model)})
+    snapshot = _Snapshot(
+        model,
+        list(layers.values()),
+        init,
+        variables,
+        kernel_layers=[visit.layer for visit, _ in plan],
+    )
     try:
-        state = state_of(model, required=False)
         if state is None:
             state = ModelState()
             state.frozen_before = [v.path for v in walk(model) if not v.layer.trainable]
         for visit, spec in plan:
             cls = adapter_class_for(visit.layer)
             cls.become(visit.layer)
-            visit.layer.add_adapter(name, spec, seed=seed)
-        state.options[name] = _options_record(
-            rank, alpha, targets, exclude, dropout, scaling, method, init,
-            bias, trainable, rank_pattern, alpha_pattern,
-            [visit.path for visit, _ in plan],
-        )
+            visit.layer.add_adapter(
+                name, spec, seed=seed, restore=factors is not None
+            )
+        if factors is not None:
+            for visit, _ in plan:
+                layer_vars = visit.layer.adapter_variables(name)
+                for key, value in factors[visit.path].items():
+                    layer_vars[key].assign(value)
+        owned.add_owner(model, state, name, keys, owned_values)
+        state.options[name] = record
         state.active = [name]
-        state.kept = kept
         model._keras_lowrank = state
         for layer in adapted_layers(model):
             layer.set_active_adapters([name] if name in layer.adapter_names else [])
         mark_adapted(model)
+        owned.sync(model, state)
         freezing.apply(model)
     except BaseException:
         snapshot.restore()
         raise
+    freezing.refresh_optimizer(model, before)
     return model
 
 
@@ -156,7 +221,8 @@ def unload(model, quantized="error"):
     again with its own mode and settings, and warns with the largest change
     this made to a kernel (re-quantizing a merged kernel is lossy).
 
-    Inactive adapters are discarded. The result holds no keras_lowrank class:
+    Inactive adapters are discarded; layers and biases adapters own keep the
+    active adapter's values. The result holds no keras_lowrank class:
     its `.keras` file loads where keras_lowrank is not installed, with the
     same outputs as the adapted model. Layers that were frozen before the
     first `adapt()` are frozen again; everything else is trainable.
@@ -171,6 +237,7 @@ def unload(model, quantized="error"):
     'Dense'
     """
     state = state_of(model)
+    before = freezing.trainable_ids(model)
     layers = adapted_layers(model)
     dequantized = quantization.prepare_merge(
         layers, quantized, quantization.UNLOAD_POLICIES, "unload"
@@ -186,6 +253,8 @@ def unload(model, quantized="error"):
     unmark_adapted(model)
     del model._keras_lowrank
     restore_plain_trainability(model, state)
+    freezing.refresh_optimizer(model, before)
+    gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
     return model
 
 
@@ -218,15 +287,16 @@ def _check_model(model):
         )
 
 
-def _spec_for(visit, base, rank_pattern, alpha_pattern):
+def _spec_for(visit, base, rank_pattern, alpha_pattern, alpha_given):
     changes = {}
     for option, pattern in (("rank", rank_pattern), ("alpha", alpha_pattern)):
         for key, value in (pattern or {}).items():
             if targeting.matches(visit, key):
                 changes[option] = value
                 break
-    if "rank" in changes and "alpha" not in changes and base.alpha == base.rank:
-        # alpha defaulted to rank: keep that default per layer.
+    if "rank" in changes and "alpha" not in changes and not alpha_given:
+        # alpha defaulted to rank: keep that default per layer (an explicit
+        # alpha stays as given, as in PEFT).
         changes["alpha"] = None
     if not changes:
         return base
@@ -239,8 +309,21 @@ def _spec_for(visit, base, rank_pattern, alpha_pattern):
 
 
 def _check_plan(model, plan, name):
+    state = state_of(model, required=False)
+    kept = {}
+    for other, options in (state.options.items() if state else ()):
+        for path in options.get("kept", []):
+            kept.setdefault(path, other)
     paths = {}
     for visit, spec in plan:
+        for root, other in kept.items():
+            if owned.is_under(visit.path, root):
+                raise ValueError(
+                    f"keras_lowrank: layer '{visit.path}' is kept fully "
+                    f"trainable by adapter {other!r} (layer '{root}'), so it "
+                    "cannot also get an adapter. Leave it out of `targets`, "
+                    f"or delete adapter {other!r} first."
+                )
         layer = visit.layer
         other = paths.setdefault(visit.path, layer)
         if other is not layer:
@@ -269,19 +352,66 @@ def _check_plan(model, plan, name):
         cls.check_spec(spec, visit.path)
 
 
-def _kept_paths(model, trainable):
+def _kept_paths(model, trainable, plan):
+    """Paths of the layers the new adapter keeps fully trainable.
+
+    A layer either trains fully or holds adapters, never both (its kernel
+    would train under the adapters). The default (a KerasHub task's head)
+    quietly leaves out layers that hold adapters; an explicit `trainable`
+    entry that does is an error.
+    """
     if trainable is None:
+        adapted = _adapted_paths(model, plan)
         layers = {id(layer) for layer in targeting.default_trainable_layers(model)}
-        return [v.path for v in walk(model) if id(v.layer) in layers]
-    return [visit.path for visit in targeting.select_any_layers(model, trainable)]
+        paths = [v.path for v in walk(model) if id(v.layer) in layers]
+        return [
+            p for p in paths if not any(owned.is_under(q, p) for q in adapted)
+        ]
+    paths = [visit.path for visit in targeting.select_any_layers(model, trainable)]
+    _check_kept_paths(model, paths, plan)
+    return paths
+
+
+def _check_kept_paths(model, paths, plan):
+    """Raises if a layer to keep trainable holds or contains adapters."""
+    adapted = _adapted_paths(model, plan)
+    for path in paths:
+        for other in adapted:
+            if owned.is_under(other, path):
+                raise ValueError(
+                    f"keras_lowrank: layer '{path}' is listed in `trainable`, "
+                    f"but it holds or contains the adapted layer '{other}'. A "
+                    "layer either trains fully or gets an adapter: remove it "
+                    "from `trainable` or from `targets`."
+                )
+
+
+def _adapted_paths(model, plan):
+    return [visit.path for visit, _ in plan] + [
+        v.path for v in adapted_visits(model)
+    ]
+
+
+def _check_activatable(model, names):
+    """Raises if making exactly `names` active would switch off an adapter
+    that is merged into a kernel."""
+    for visit in adapted_visits(model):
+        stuck = [n for n in visit.layer.merged_adapters if n not in names]
+        if stuck:
+            raise ValueError(
+                f"keras_lowrank: adapter {stuck[0]!r} is merged into layer "
+                f"'{visit.path}'; call keras_lowrank.unmerge(model) before "
+                "switching it off."
+            )
 
 
 def _options_record(
     rank, alpha, targets, exclude, dropout, scaling, method, init, bias,
-    trainable, rank_pattern, alpha_pattern, paths,
+    trainable, rank_pattern, alpha_pattern, paths, kept,
 ):
     """adapt()'s arguments as JSON-ready data (targets as given, and the
-    layer paths they resolved to)."""
+    layer paths they resolved to; `trainable` as given, and the layer paths
+    it resolved to)."""
     return {
         "rank": int(rank),
         "alpha": float(alpha) if isinstance(alpha, numbers.Real) else alpha,
@@ -296,6 +426,7 @@ def _options_record(
         "rank_pattern": _pattern_record(rank_pattern),
         "alpha_pattern": _pattern_record(alpha_pattern),
         "layers": list(paths),
+        "kept": list(kept),
     }
 
 
@@ -308,7 +439,8 @@ def _pattern_record(pattern):
 class _Snapshot:
     """Everything adapt() may change, to put back if it fails half-way."""
 
-    def __init__(self, model, layers, init):
+    def __init__(self, model, layers, init, variables=(), kernel_layers=None):
+        kernel_layers = layers if kernel_layers is None else kernel_layers
         self.model = model
         self.model_class = type(model)
         self.state = getattr(model, "_keras_lowrank", None)
@@ -319,11 +451,14 @@ class _Snapshot:
             self.state_copy = copy.deepcopy(self.state)
         self.layers = [(layer, type(layer), _layer_state(layer)) for layer in layers]
         self.flags = [(w, w.trainable) for w in model.weights]
+        # Owned weights (heads, biases) that sync() may swap.
+        unique = {id(v): v for v in variables}.values()
+        self.values = [(v, keras.ops.convert_to_numpy(v)) for v in unique]
         self.layer_flags = [(v.layer, v.layer.trainable) for v in walk(model)]
         # PiSSA/OLoRA rewrite the kernel: keep a copy to put back.
         self.kernels = []
         if init in ("pissa", "olora"):
-            for layer in layers:
+            for layer in kernel_layers:
                 variable = adapter_class_for(layer).kernel_variable(layer)
                 self.kernels.append(
                     (variable, keras.ops.convert_to_numpy(variable))
@@ -339,7 +474,7 @@ class _Snapshot:
                     type(layer).revert(layer)
                 else:
                     layer.restore_state(layer_state[1], layer_state[2])
-        for variable, value in self.kernels:
+        for variable, value in self.kernels + self.values:
             variable.assign(value)
         if self.state is None:
             if hasattr(self.model, "_keras_lowrank"):
@@ -347,8 +482,13 @@ class _Snapshot:
         else:
             self.model._keras_lowrank = self.state_copy
         self.model.__class__ = self.model_class
-        for layer, flag in self.layer_flags:
-            layer.trainable = flag
+        # Containers first (outer before inner), then leaves: setting a
+        # container's flag recurses into every layer under it, shared input
+        # layers included, so leaves must come last to keep their own flags.
+        for leaves in (False, True):
+            for layer, flag in self.layer_flags:
+                if (not sublayers(layer)) == leaves:
+                    layer.trainable = flag
         for weight, flag in self.flags:
             weight.trainable = flag
 

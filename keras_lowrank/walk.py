@@ -65,6 +65,18 @@ def own_weights(layer):
     return [w for w in layer.weights if id(w) not in inner]
 
 
+def bias_weights(layer):
+    """The layer's bias variables: `bias` (Dense, EinsumDense, Conv, ...) and
+    a normalisation layer's `beta`, which is what PyTorch and PEFT call that
+    layer's bias (`bias="all"` trains every one of them, as in PEFT)."""
+    out = []
+    for attr in ("bias", "beta"):
+        value = getattr(layer, attr, None)
+        if isinstance(value, keras.Variable) and value not in out:
+            out.append(value)
+    return out
+
+
 def find_layer(model, path):
     """The layer inside `model` whose path is `path`, or `None`."""
     for visit_ in walk(model):

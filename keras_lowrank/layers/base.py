@@ -75,10 +75,16 @@ class LowRankLayer:
         active_adapters,
         merged_adapters,
     ):
-        """Records the adapters a standalone layer creates in `build`."""
+        """Records the adapters a standalone layer creates in `build`.
+
+        Everything that can be checked before the kernel exists is checked
+        here, so a bad option fails at construction, naming the layer.
+        """
+        path = _path_of(self)
         self._lowrank = _AdapterState(self.base_class)
         if adapters is None:
-            spec = AdapterSpec(
+            spec = AdapterSpec.checked(
+                path,
                 rank=rank,
                 alpha=alpha,
                 scaling=scaling,
@@ -87,15 +93,19 @@ class LowRankLayer:
                 init=init,
                 bias=bias,
             )
-            adapters = {check_adapter_name(adapter_name): spec}
+            adapters = {check_adapter_name(adapter_name, path): spec}
         self._lowrank_pending = {
-            check_adapter_name(name): (
+            check_adapter_name(name, path): (
                 spec
                 if isinstance(spec, AdapterSpec)
-                else AdapterSpec.from_config(spec)
+                else AdapterSpec.from_config(spec, path)
             )
             for name, spec in adapters.items()
         }
+        self._check_options(self, path)
+        for spec in self._lowrank_pending.values():
+            spec.validate(path)
+            self.check_spec(spec, path)
         self._lowrank_pending_active = (
             list(active_adapters)
             if active_adapters is not None
@@ -161,7 +171,9 @@ class LowRankLayer:
         >>> adapted is dense, type(dense).__name__
         (True, 'LowRankDense')
         """
-        spec = AdapterSpec(
+        path = _path_of(layer)
+        spec = AdapterSpec.checked(
+            path,
             rank=rank,
             alpha=alpha,
             scaling=scaling,
@@ -171,11 +183,15 @@ class LowRankLayer:
             bias=bias,
         )
         cls.check_convertible(layer)
+        was_plain = not isinstance(layer, LowRankLayer)
         cls.become(layer)
         try:
             layer.add_adapter(adapter_name, spec, seed=seed)
         except Exception:
-            cls.revert(layer)
+            # Leave a layer that was plain exactly as it was; a layer that
+            # already had adapters keeps them.
+            if was_plain:
+                cls.revert(layer)
             raise
         return layer
 
@@ -187,15 +203,27 @@ class LowRankLayer:
             layer: the candidate layer.
             path: how to name the layer in errors (default: `layer.path`).
         """
-        path = path or getattr(layer, "path", None) or layer.name
+        path = path or _path_of(layer)
         if isinstance(layer, LowRankLayer):
+            if not isinstance(layer, cls):
+                raise TypeError(
+                    f"{where(path)}: the layer is a {type(layer).__name__} "
+                    f"already, not a {cls.__name__}. Use "
+                    f"`{type(layer).__name__}.from_layer` or its "
+                    "`add_adapter` method to add another adapter."
+                )
             return
         if type(layer) is not cls.base_class:
+            kind = (
+                "a subclass, whose own `call` would be lost"
+                if isinstance(layer, cls.base_class)
+                else "another kind of layer"
+            )
             raise TypeError(
                 f"{where(path)}: {cls.__name__} adapts exactly "
                 f"`keras.layers.{cls.base_class.__name__}` layers, not "
-                f"{type(layer).__name__}. Adapt the layers inside it instead, "
-                "or leave it out of `targets`."
+                f"{type(layer).__name__} ({kind}). Leave this layer out of "
+                "`targets`, or adapt the plain Keras layers inside it."
             )
         if not layer.built:
             raise ValueError(
@@ -203,11 +231,21 @@ class LowRankLayer:
                 "to adapt yet. Build the model first (call it on data or call "
                 "`model.build(input_shape)`), then adapt it."
             )
-        if getattr(layer, "lora_enabled", False):
+        cls._check_options(layer, path)
+
+    @classmethod
+    def _check_options(cls, layer, path):
+        """Refuses layer options without a low-rank adapter: built-in LoRA,
+        kernel constraints, non-float dtypes, quantization, and geometries
+        without a true rank-r factorisation. Works on unbuilt layers too."""
+        if getattr(layer, "lora_enabled", False) or getattr(
+            layer, "lora_rank", None
+        ):
             raise ValueError(
                 f"{where(path)}: Keras's built-in LoRA is enabled on this "
-                "layer (`enable_lora`). Use one or the other: rebuild the "
-                "layer without `lora_rank`/`enable_lora`, then adapt it."
+                "layer (`lora_rank`/`enable_lora`). Use one or the other: "
+                "rebuild the layer without `lora_rank`/`enable_lora`, then "
+                "adapt it."
             )
         if getattr(layer, "kernel_constraint", None) is not None or getattr(
             layer, "embeddings_constraint", None
@@ -253,17 +291,36 @@ class LowRankLayer:
             return
         if layer._lowrank.specs:
             raise ValueError(
-                f"{where(layer.path)}: delete its adapters before turning it "
-                "back into a plain layer."
+                f"{where(_path_of(layer))}: delete its adapters before "
+                "turning it back into a plain layer."
             )
         original = layer._lowrank.original_class
         if layer._lowrank.seed is not None:
             _untrack(layer, "lowrank_seed")
         del layer._lowrank
         del layer._lowrank_pending
+        # Caches a subclass may have set while it held adapters.
+        layer.__dict__.pop("_lowrank_factorization", None)
         quantized.remove_layer_hook(layer)
         layer.__class__ = original
         _refresh_call_signature(layer)
+
+    # --- trainability -------------------------------------------------------
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Keras's setter flips every variable created trainable, the frozen
+        # kernel included: `model.trainable = False; model.trainable = True`
+        # (freeze, then unfreeze a backbone) would silently turn LoRA into
+        # full fine-tuning. Re-apply the adapters' policy instead.
+        keras.layers.Layer.trainable.fset(self, value)
+        if value and getattr(self, "_lowrank", None) is not None:
+            if self._lowrank.specs:
+                self._refresh_trainable()
 
     # --- adapters ---------------------------------------------------------
 
@@ -325,7 +382,7 @@ class LowRankLayer:
         >>> layer.adapter_names
         ['default', 'second']
         """
-        path = self.path
+        path = _path_of(self)
         check_adapter_name(name, path)
         if not isinstance(spec, AdapterSpec):
             raise TypeError(
@@ -410,7 +467,7 @@ class LowRankLayer:
         with self._unlocked_scope():
             for key in ("A", "B", "magnitude", "norm"):
                 if hasattr(self, _var_attr(key, name)):
-                    delattr(self, _var_attr(key, name))
+                    _delete_variable(self, _var_attr(key, name))
         del self._lowrank.specs[name]
         if name in self._lowrank.active:
             self._lowrank.active.remove(name)
@@ -427,7 +484,7 @@ class LowRankLayer:
         for name in self._lowrank.merged:
             if name not in names:
                 raise ValueError(
-                    f"{where(self.path)}: adapter {name!r} is merged into the"
+                    f"{where(_path_of(self))}: adapter {name!r} is merged into the"
                     " kernel; `unmerge` before switching it off."
                 )
         self._lowrank.active = names
@@ -481,7 +538,7 @@ class LowRankLayer:
             self._known(name)
             if name not in self._lowrank.active:
                 raise ValueError(
-                    f"{where(self.path)}: adapter {name!r} is not active; "
+                    f"{where(_path_of(self))}: adapter {name!r} is not active; "
                     "only active adapters can be merged (`set_adapter` it)."
                 )
         if any(name not in self._lowrank.merged for name in names):
@@ -695,31 +752,42 @@ class LowRankLayer:
         # adapters go next to them under their names, so that a plain Keras
         # layer loading this file finds more variables than it has and fails
         # loudly instead of silently dropping the adapters.
-        super().save_own_variables(store)
+        self._save_base_variables(store)
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
                 store[f"lowrank_{key}_{name}"] = var
 
     def load_own_variables(self, store):
-        super().load_own_variables(store)
+        self._load_base_variables(store)
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
                 stored = f"lowrank_{key}_{name}"
                 if stored not in store.keys():
                     raise ValueError(
-                        f"{where(self.path)}: the weights file has no "
+                        f"{where(_path_of(self))}: the weights file has no "
                         f"{stored!r}. It was saved from a model without this "
                         "adapter; load it into a matching model."
                     )
                 var.assign(store[stored])
+
+    def _save_base_variables(self, store):
+        """Writes the base layer's own variables as the base class would.
+
+        Dense, EinsumDense and Embedding write a fixed list of variables by
+        name, which leaves the adapters out; subclasses whose base class
+        writes *every* variable override this."""
+        super().save_own_variables(store)
+
+    def _load_base_variables(self, store):
+        super().load_own_variables(store)
 
     # --- internals ------------------------------------------------------------
 
     def _known(self, name):
         if name not in self._lowrank.specs:
             raise ValueError(
-                f"{where(self.path)}: no adapter named {name!r}; this layer "
-                f"has {sorted(self._lowrank.specs)}."
+                f"{where(_path_of(self))}: no adapter named {name!r}; this "
+                f"layer has {sorted(self._lowrank.specs)}."
             )
         return name
 
@@ -797,9 +865,15 @@ class LowRankLayer:
 
     def _refresh_trainable(self):
         """Factors train while active and unmerged; the kernel never does;
-        the bias trains when an active adapter asks for `bias="all"`."""
+        the bias trains when an active adapter asks for `bias="all"`.
+
+        A frozen layer (`layer.trainable = False`) keeps every variable
+        frozen: a parent model collects its sublayers' variables by their
+        own flags, so a factor flagged trainable here would still train."""
         self._kernel_variable().trainable = False
         live = [n for n in self._lowrank.active if n not in self._lowrank.merged]
+        if not self.trainable:
+            live = []
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
                 var.trainable = key != "norm" and name in live
@@ -858,6 +932,12 @@ class LowRankLayer:
         raise NotImplementedError
 
 
+def _path_of(layer):
+    """The layer's path (`None` until built or placed in a model), else its
+    name: what error messages call the layer."""
+    return getattr(layer, "path", None) or getattr(layer, "name", None)
+
+
 class _ReplayedSeed(keras.random.SeedGenerator):
     """A dropout seed drawn before a rematerialised call, replayed inside it
     (and again when the backward pass recomputes it)."""
@@ -874,6 +954,16 @@ class _ReplayedSeed(keras.random.SeedGenerator):
 
 def _var_attr(key, name):
     return f"lowrank_{key}_{name}"
+
+
+def _delete_variable(layer, attr):
+    """`delattr(layer, attr)` for a variable attribute, minus the
+    `gc.collect()` Keras's `Layer.__delattr__` runs for every variable (up to
+    a second each in a process holding a large model: deleting a 12-layer
+    adapter took ~20 s). Model-level operations collect once at the end."""
+    variable = getattr(layer, attr)
+    layer._untrack_variable(variable)
+    super(keras.layers.Layer, layer).__delattr__(attr)
 
 
 def _untrack(layer, attr):

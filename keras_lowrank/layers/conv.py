@@ -71,6 +71,28 @@ class _LowRankConv(LowRankLayer):
                 "update. Exclude this layer, or use groups=1."
             )
 
+    def _base_variables(self):
+        return [self._kernel] + ([self.bias] if self.use_bias else [])
+
+    def _save_base_variables(self, store):
+        # keras's convolutions save *all* their variables by index, which
+        # would include the adapters; write what a plain Conv writes.
+        for i, variable in enumerate(self._base_variables()):
+            store[str(i)] = variable
+
+    def _load_base_variables(self, store):
+        base = self._base_variables()
+        numbered = [key for key in store.keys() if key.isdigit()]
+        if len(numbered) != len(base):
+            raise ValueError(
+                f"{where(self.path or self.name)}: the weights file holds "
+                f"{len(numbered)} base variables, this layer has {len(base)} "
+                "(kernel and bias). Load it into a layer with the same "
+                "`use_bias`."
+            )
+        for i, variable in enumerate(base):
+            variable.assign(store[str(i)])
+
     def _conv(self, inputs, kernel):
         return ops.conv(
             inputs,
@@ -143,24 +165,32 @@ _CONV_DOC = """A `keras.layers.Conv{n}D` with low-rank adapters.
 
     >>> import numpy as np
     >>> layer = LowRankConv{n}D(8, 3, rank=2)
-    >>> layer(np.ones((1,) + (6,) * {n} + (4,), "float32")).shape[-1]
-    8
+    >>> tuple(layer(np.ones((1,) + (6,) * {n} + (4,), "float32")).shape)
+    {output_shape}
+    >>> [tuple(w.shape) for w in layer.trainable_weights]
+    [{a_shape}, (2, 8)]
     """
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LowRankConv1D(_LowRankConv, keras.layers.Conv1D):
-    __doc__ = _CONV_DOC.format(n=1)
+    __doc__ = _CONV_DOC.format(
+        n=1, output_shape=(1, 4, 8), a_shape=(3, 4, 2)
+    )
     base_class = keras.layers.Conv1D
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LowRankConv2D(_LowRankConv, keras.layers.Conv2D):
-    __doc__ = _CONV_DOC.format(n=2)
+    __doc__ = _CONV_DOC.format(
+        n=2, output_shape=(1, 4, 4, 8), a_shape=(3, 3, 4, 2)
+    )
     base_class = keras.layers.Conv2D
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LowRankConv3D(_LowRankConv, keras.layers.Conv3D):
-    __doc__ = _CONV_DOC.format(n=3)
+    __doc__ = _CONV_DOC.format(
+        n=3, output_shape=(1, 4, 4, 4, 8), a_shape=(3, 3, 3, 4, 2)
+    )
     base_class = keras.layers.Conv3D

@@ -44,7 +44,7 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
     >>> import numpy as np
     >>> layer = LowRankDense(8, rank=2, alpha=4)
     >>> y = layer(np.ones((3, 5), "float32"))
-    >>> y.shape, [w.name for w in layer.trainable_weights]
+    >>> tuple(y.shape), [w.name for w in layer.trainable_weights]
     ((3, 8), ['lowrank_A_default', 'lowrank_B_default'])
     """
 

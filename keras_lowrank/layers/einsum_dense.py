@@ -35,7 +35,7 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     >>> import numpy as np
     >>> layer = LowRankEinsumDense("abc,cde->abde", (None, 12, 32), rank=4)
     >>> y = layer(np.ones((2, 7, 384), "float32"))
-    >>> y.shape, layer.count_params() - 384 * 12 * 32
+    >>> tuple(y.shape), layer.count_params() - 384 * 12 * 32
     ((2, 7, 12, 32), 3072)
     """
 
@@ -82,7 +82,9 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
         einsum_factorization.factorize(layer.equation, path)
 
     def _factorization(self):
-        return einsum_factorization.factorize(self.equation, self.path)
+        return einsum_factorization.factorize(
+            self.equation, self.path or self.name
+        )
 
     @classmethod
     def kernel_layout(cls, layer):

