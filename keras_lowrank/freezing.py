@@ -16,6 +16,8 @@ set_adapter, delete, load), so it never depends on history:
 
 import warnings
 
+import keras
+
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.model_state import state_of
 from keras_lowrank.walk import own_weights

@@ -172,7 +172,20 @@ def base_output(layer, inputs):
 def dequantized_kernel(layer):
     """The float32 kernel an int8/int4 layer stands for, in the float
     kernel's shape. A kernel-sized tensor: used to merge, to measure errors
-    and by DoRA's norm, never in the LoRA forward pass."""
+    and by DoRA's norm, never in the LoRA forward pass.
+
+    Example:
+
+    >>> from keras_lowrank import LowRankDense
+    >>> dense = keras.layers.Dense(4)
+    >>> dense.build((None, 8))
+    >>> dense.quantize("int8")
+    >>> layer = LowRankDense.from_layer(dense, rank=2)
+    >>> layer.quantization_mode, str(layer.lowrank_A_default.dtype)
+    ('int8', 'float32')
+    >>> tuple(dequantized_kernel(layer).shape)
+    (8, 4)
+    """
     mode = layer.quantization_mode
     check_mode(mode, layer.path, "dequantize a layer quantized with")
     if isinstance(layer, keras.layers.Embedding):

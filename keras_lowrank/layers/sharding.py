@@ -32,6 +32,14 @@ def adapter_layout(layer, key, kernel_layout):
         key: which variable.
         kernel_layout: the layer's `KernelLayout` (which kernel axes are
             batch, input and output axes).
+
+    Example:
+
+    >>> from keras_lowrank import LowRankDense
+    >>> layer = LowRankDense(4, rank=2)
+    >>> layer.build((None, 8))
+    >>> adapter_layout(layer, "A", layer.lowrank_layout) is None  # no mesh
+    True
     """
     if keras.backend.backend() != "jax":
         return None
