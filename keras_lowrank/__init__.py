@@ -22,6 +22,7 @@ from keras_lowrank.lifecycle import disable_adapters
 from keras_lowrank.lifecycle import merge
 from keras_lowrank.lifecycle import set_adapter
 from keras_lowrank.lifecycle import unmerge
+from keras_lowrank.loraplus import LoraPlusOptimizer
 from keras_lowrank.model_state import load_model
 from keras_lowrank.report import AdapterReport
 from keras_lowrank.report import report

@@ -96,8 +96,10 @@ def save_adapter(model, path, name=None):
         layer = visit.layer
         if name not in layer.adapter_names:
             continue
-        spec = layer.adapter_spec(name)
-        _check_saveable(visit.path, name, spec)
+        # PiSSA/OLoRA factors are relative to the residual kernel they left
+        # behind; the file holds their exact equivalent on the original
+        # kernel (a plain rank-2r adapter), so it applies to the base model.
+        spec, values = layer.adapter_for_original_kernel(name)
         layout = layer.lowrank_layout
         entry = {
             "class_name": type(layer).__name__,
@@ -108,14 +110,18 @@ def save_adapter(model, path, name=None):
             "spec": spec.get_config(),
             "tensors": {},
         }
-        for key, variable in layer.adapter_variables(name).items():
-            if key == "norm":  # state of a merge, not part of the adapter
-                continue
+        original_init = layer.adapter_spec(name).init
+        if original_init != spec.init:
+            entry["converted_from"] = {
+                "init": original_init,
+                "rank": layer.adapter_spec(name).rank,
+            }
+        for key, value in values.items():
             tensor = f"{visit.path}/{key}"
             tensors[tensor] = np.ascontiguousarray(
-                keras.ops.convert_to_numpy(variable), dtype="float32"
+                keras.ops.convert_to_numpy(value), dtype="float32"
             )
-            entry["tensors"][key] = {"name": tensor, "shape": list(variable.shape)}
+            entry["tensors"][key] = {"name": tensor, "shape": list(value.shape)}
         layers[visit.path] = entry
     owned_entries = {}
     for key in options.get("owned", []):
@@ -269,21 +275,6 @@ def _pick_name(model, state, name):
         f"{sorted(state.options)} ({len(state.active)} active); say which "
         "one to save: save_adapter(model, path, name='...')."
     )
-
-
-def _check_saveable(path, name, spec):
-    if spec.init in ("pissa", "olora"):
-        # Hook for PiSSA/OLoRA: their factors are relative to the residual
-        # kernel they left behind, not to the original base weights, so a
-        # file for the base model needs them re-expressed as an equivalent
-        # rank-2r plain LoRA relative to the original kernel first.
-        raise NotImplementedError(
-            f"keras_lowrank: layer '{path}': adapter {name!r} was created "
-            f"with init={spec.init!r}, which rewrote the frozen kernel; its "
-            "factors only make sense with that rewritten kernel, so an "
-            "adapter-only file for the original base model cannot be written "
-            "yet. Save the whole model instead (model.save('model.keras'))."
-        )
 
 
 def _digest(tensors):

@@ -206,6 +206,9 @@ def combine_cat(a_list, b_list, coefficients):
 def truncate_product(a, b, rank):
     """The best rank-`rank` approximation of `A·B` (Eckart–Young), as factors.
 
+    Exact (to float rounding) whenever `A·B` has rank at most `rank`: it also
+    re-expresses a product stored at a needlessly high rank.
+
     Never forms the d×k product: with `A = Q_a·R_a` and `Bᵀ = Q_b·R_b`,
     `A·B = Q_a·(R_a·R_bᵀ)·Q_bᵀ`, so the SVD of the small core
     `R_a·R_bᵀ = U·S·Vᵀ` gives `A·B`'s. The result is `A' = Q_a·U_t·sqrt(S_t)`,
@@ -250,10 +253,11 @@ def relative_error(approx, target):
 def dora_weight_norm(w, a, b, scale):
     """`‖W + s·A·B‖` per output unit (over the input axis), without `W + s·A·B`.
 
-    `‖w_j + s·(AB)_j‖² = ‖w_j‖² + 2s·(WᵀA)_j·B_j + s²·B_jᵀ(AᵀA)B_j`: the
-    largest temporaries are `WᵀA` (k×r) and `AᵀA` (r×r), never a d×k matrix
-    besides `W` itself. The result carries no gradient: DoRA treats the norm
-    as a constant in the backward pass (paper §4.3, as PEFT does).
+    `‖w_j + s·(AB)_j‖² = ‖w_j‖² + s·Σ_r B_rj·(2·(AᵀW)_rj + s·(AᵀA·B)_rj)`:
+    besides `W` itself the temporaries are `AᵀW` (r×k), `AᵀA` (r×r) and
+    `AᵀA·B` (r×k), never a d×k matrix, and `W` is only read (no transposed
+    copy). The result carries no gradient: DoRA treats the norm as a
+    constant in the backward pass (paper §4.3, as PEFT does).
 
     Args:
         w: kernel in matrix form `(..., d, k)`.
@@ -263,16 +267,28 @@ def dora_weight_norm(w, a, b, scale):
 
     Returns:
         float32 tensor `(..., k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.array([[3.0], [4.0]], "float32")
+    >>> a = np.zeros((2, 1), "float32"); b = np.zeros((1, 1), "float32")
+    >>> keras.ops.convert_to_numpy(dora_weight_norm(w, a, b, 1.0))
+    array([5.], dtype=float32)
     """
     w = ops.stop_gradient(ops.cast(w, "float32"))
     a = ops.stop_gradient(ops.cast(a, "float32"))
     b = ops.stop_gradient(ops.cast(b, "float32"))
-    w_sq = ops.sum(ops.square(w), axis=-2)
-    wt_a = ops.matmul(_swap_last(w), a)  # (..., k, r)
-    cross = ops.sum(ops.multiply(wt_a, _swap_last(b)), axis=-1)
-    gram = ops.matmul(_swap_last(a), a)  # (..., r, r)
-    quad = ops.sum(ops.multiply(b, ops.matmul(gram, b)), axis=-2)
-    total = w_sq + 2.0 * scale * cross + (scale * scale) * quad
+    a_t = _swap_last(a)
+    a_t_w = ops.matmul(a_t, w)  # (..., r, k)
+    gram_b = ops.matmul(ops.matmul(a_t, a), b)  # (..., r, k)
+    inner = ops.add(ops.multiply(a_t_w, 2.0), ops.multiply(gram_b, scale))
+    # `norm` rather than `sum(square(w))`: PyTorch then reduces in one pass
+    # without a d×k temporary (XLA fuses either form).
+    total = ops.add(
+        ops.square(ops.norm(w, axis=-2)),
+        ops.multiply(ops.sum(ops.multiply(b, inner), axis=-2), scale),
+    )
     return ops.stop_gradient(ops.sqrt(ops.maximum(total, 0.0)))
 
 
@@ -281,28 +297,74 @@ def dora_column_norm(w):
     return ops.sqrt(ops.sum(ops.square(ops.cast(w, "float32")), axis=-2))
 
 
-def dora_combine(base, base_dropped, lowrank, ratio):
+def dora_scaled_b(b, ratio, rank_axis):
+    """`B·diag(m/‖·‖)`: DoRA's ratio applied on the rank side of the update.
+
+    `(m/‖·‖)·s·(x·A)·B = s·(x·A)·(B·diag(m/‖·‖))`: scaling the `r×k` factor
+    instead of the `n×k` adapter output costs `r·k` multiplies instead of
+    `n·k`, and keeps the ratio out of the large products of the backward
+    pass (on XLA CPU, scaling the output made a DoRA step up to 1.7× a LoRA
+    step; scaling `B` brings it to about 1.07×).
+
+    Args:
+        b: factor `B` in its stored layout `(*batch, r, *out)`.
+        ratio: `m/‖W0 + s·A·B‖`, shaped `(*batch, *out)`.
+        rank_axis: the rank axis of `B` (the number of batch axes).
+
+    Returns:
+        float32 tensor shaped like `b`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> b = np.ones((2, 3), "float32"); ratio = np.array([1, 2, 3], "float32")
+    >>> keras.ops.convert_to_numpy(dora_scaled_b(b, ratio, 0))[1]
+    array([1., 2., 3.], dtype=float32)
+    """
+    ratio = ops.expand_dims(ops.cast(ratio, "float32"), rank_axis)
+    return ops.multiply(ops.cast(b, "float32"), ratio)
+
+
+def dora_combine(base, base_dropped, scaled_lowrank, ratio):
     """DoRA's output from its parts, without forming the adapted kernel.
 
     `y = x·W + (m/‖·‖ − 1)·(x_d·W) + (m/‖·‖)·s·(x_d·A)·B`, where `x_d` is the
-    input after adapter dropout (equal to `x` without dropout).
+    input after adapter dropout (equal to `x` without dropout). The ratio is
+    a constant of the backward pass (the norm carries no gradient), so `m`
+    gets `Σ dy·(x_d·W + s·(x_d·A)·B)/‖·‖` and the factors get LoRA's
+    gradients scaled by the ratio.
 
     Args:
         base: `x·W` (pre-bias), plus whatever other adapters already added.
-        base_dropped: `x_d·W`; pass `base` when there is no dropout.
-        lowrank: `s·(x_d·A)·B`.
+        base_dropped: `x_d·W`; pass `base` itself when there is no dropout
+            and no other adapter: the output is then
+            `ratio·(x·W) + scaled_lowrank`.
+        scaled_lowrank: `(m/‖·‖)·s·(x_d·A)·B`, computed as
+            `s·(x_d·A)·dora_scaled_b(B, ...)`.
         ratio: `m / ‖W + s·A·B‖`, broadcastable to the output.
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = np.ones((1, 2), "float32"); low = np.zeros((1, 2), "float32")
+    >>> keras.ops.convert_to_numpy(dora_combine(y, y, low, np.float32(2.0)))
+    array([[2., 2.]], dtype=float32)
     """
     base = ops.convert_to_tensor(base)
     ratio = ops.cast(ratio, base.dtype)
+    if base_dropped is base:
+        return ops.add(ops.multiply(ratio, base), scaled_lowrank)
     return ops.add(
-        ops.add(base, ops.multiply(ops.subtract(ratio, 1.0), base_dropped)),
-        ops.multiply(ratio, lowrank),
+        ops.add(base, ops.multiply(ratio - 1.0, base_dropped)),
+        scaled_lowrank,
     )
 
 
 def dora_merged_kernel(w, delta, magnitude, norm):
-    """`(m/‖W + ΔW‖)·(W + ΔW)`, matrix form, float32 math, `W`'s dtype."""
+    """`(m/‖W + ΔW‖)·(W + ΔW)`, matrix form, float32 math, `W`'s dtype.
+
+    The kernel of a layer whose only adapter is DoRA, once merged.
+    """
     dtype = w.dtype
     ratio = ops.divide(ops.cast(magnitude, "float32"), norm)
     merged = ops.add(ops.cast(w, "float32"), delta)
@@ -315,6 +377,82 @@ def dora_unmerged_kernel(w, delta, magnitude, norm):
     ratio = ops.divide(norm, ops.cast(magnitude, "float32"))
     restored = ops.multiply(ops.cast(w, "float32"), ops.expand_dims(ratio, -2))
     return ops.cast(ops.subtract(restored, delta), dtype)
+
+
+def dora_merge_delta(w0, delta, magnitude, norm):
+    """What merging a DoRA adapter adds to the kernel: `(c − 1)·W0 + c·ΔW`.
+
+    `c = m / ‖W0 + ΔW‖` per output unit and `W0` is the kernel without any
+    merged adapter. Every adapter of a layer acts on `W0` side by side (a
+    LoRA adapter adds `ΔW`, a DoRA adapter adds this), so adapters merge and
+    unmerge in any order and any subset, exactly. With DoRA alone,
+    `W0 + dora_merge_delta(...)` is `dora_merged_kernel(W0, ...)`.
+
+    Args:
+        w0: the unmerged base kernel in matrix form `(..., d, k)`.
+        delta: `s·A·B`, `(..., d, k)`, float32.
+        magnitude: `m`, `(..., k)`.
+        norm: `‖W0 + ΔW‖`, `(..., k)` (from `dora_weight_norm`).
+
+    Returns:
+        float32 `(..., d, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w0 = np.eye(2, dtype="float32"); delta = np.zeros((2, 2), "float32")
+    >>> m = np.array([2.0, 1.0], "float32"); n = np.ones(2, "float32")
+    >>> keras.ops.convert_to_numpy(dora_merge_delta(w0, delta, m, n))
+    array([[1., 0.],
+           [0., 0.]], dtype=float32)
+    """
+    c = ops.expand_dims(ops.divide(ops.cast(magnitude, "float32"), norm), -2)
+    return ops.add(
+        ops.multiply(c - 1.0, ops.cast(w0, "float32")), ops.multiply(c, delta)
+    )
+
+
+def unmerged_base_kernel(w, merged):
+    """`W0`, the kernel without its merged adapters, from the kernel `W`.
+
+    With merged LoRA deltas `ΔW_i` and merged DoRA adapters `j` (ratio
+    `c_j = m_j/‖W0 + ΔW_j‖`, the norm stored when merging), the kernel is
+    `W = W0·(1 + Σ_j (c_j − 1)) + Σ_i ΔW_i + Σ_j c_j·ΔW_j` column by column,
+    hence `W0 = (W − Σ_i ΔW_i − Σ_j c_j·ΔW_j) / (1 + Σ_j (c_j − 1))`.
+
+    Args:
+        w: kernel in matrix form `(..., d, k)`.
+        merged: list of `(delta, ratio)`, one per merged adapter: `delta` is
+            `s·A·B` (float32, `(..., d, k)`), `ratio` is `m/norm` (`(..., k)`)
+            for DoRA and `None` for LoRA.
+
+    Returns:
+        float32 `(..., d, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w0 = np.eye(2, dtype="float32"); delta = np.ones((2, 2), "float32")
+    >>> m = np.array([2.0, 1.0], "float32"); n = np.ones(2, "float32")
+    >>> dora = dora_merge_delta(w0, delta, m, n)
+    >>> merged = keras.ops.add(w0 + delta, dora)  # a LoRA and a DoRA merged
+    >>> back = unmerged_base_kernel(merged, [(delta, None), (delta, m / n)])
+    >>> bool(np.allclose(keras.ops.convert_to_numpy(back), w0))
+    True
+    """
+    w = ops.cast(w, "float32")
+    rho = None
+    for delta, ratio in merged:
+        if ratio is None:
+            w = ops.subtract(w, delta)
+            continue
+        c = ops.expand_dims(ops.cast(ratio, "float32"), -2)
+        w = ops.subtract(w, ops.multiply(c, delta))
+        # rho = 1 + Σ (c_j − 1), started at the first DoRA adapter.
+        rho = c if rho is None else ops.add(rho, c - 1.0)
+    if rho is None:
+        return w
+    return ops.divide(w, rho)
 
 
 # --- Initialisers -------------------------------------------------------------
@@ -358,23 +496,39 @@ def initial_factors(init, a_shape, b_shape, fan_in, seed=None):
     return a, ops.zeros(b_shape, "float32")
 
 
-def pissa_factors(w, rank, scale):
+def pissa_factors(w, rank, scale, niter=None, seed=None):
     """PiSSA: the top-r singular triplets of `W` become the adapter.
 
     `W = U·S·Vᵀ`; `A = U_r·sqrt(S_r/s)`, `B = sqrt(S_r/s)·V_rᵀ`, so that
     `s·A·B` is the best rank-r approximation of `W` and the frozen kernel
-    becomes the residual `W − s·A·B`.
+    becomes the residual `W − s·A·B`. This is PEFT's `init_lora_weights=
+    "pissa"` in the Keras layout (PEFT's `lora_A` is our `Aᵀ`).
 
     Args:
         w: kernel in matrix form `(..., d, k)`.
         rank: `r`.
         scale: `s`.
+        niter: `None` for the exact SVD, or the number of power iterations of
+            a randomised SVD (PEFT's `"pissa_niter_<n>"`; much faster on
+            large kernels, approximate top-r subspace).
+        seed: an int or `keras.random.SeedGenerator` for the randomised SVD.
 
     Returns:
         `(a, b, residual)` in float32, matrix form.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.diag([3.0, 2.0, 1.0]).astype("float32")
+    >>> a, b, res = pissa_factors(w, 1, 1.0)
+    >>> np.round(keras.ops.convert_to_numpy(res), 6).tolist()
+    [[0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
     """
     w32 = ops.cast(w, "float32")
-    u, s_vals, vt = ops.svd(w32, full_matrices=False, compute_uv=True)
+    if niter is None:
+        u, s_vals, vt = ops.svd(w32, full_matrices=False, compute_uv=True)
+    else:
+        u, s_vals, vt = randomized_svd(w32, rank, niter, seed=seed)
     u_r = u[..., :, :rank]
     s_r = s_vals[..., :rank]
     vt_r = vt[..., :rank, :]
@@ -385,35 +539,181 @@ def pissa_factors(w, rank, scale):
     return a, b, residual
 
 
+def randomized_svd(w, rank, niter=2, seed=None):
+    """A rank-`r` SVD of `w` by random projection (Halko et al. 2011).
+
+    The same algorithm as `torch.svd_lowrank(w, q=rank, niter=niter)`, which
+    PEFT's `"pissa_niter_<n>"` uses: a Gaussian sketch of the column space,
+    `niter` power iterations re-orthonormalised by QR, and an exact SVD of
+    the small `r × k` projection. Only `d×r` and `r×k` matrices are formed
+    besides `w`.
+
+    Args:
+        w: float32 `(..., d, k)`.
+        rank: `r`, the number of triplets returned.
+        niter: number of power iterations (more: closer to the exact SVD).
+        seed: an int or `keras.random.SeedGenerator`.
+
+    Returns:
+        `(u, s, vt)` with shapes `(..., d, r)`, `(..., r)`, `(..., r, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.diag([4.0, 2.0, 1.0, 0.5]).astype("float32")
+    >>> u, s, vt = randomized_svd(w, 2, niter=4, seed=0)
+    >>> np.round(keras.ops.convert_to_numpy(s), 2).tolist()
+    [4.0, 2.0]
+    """
+    w = ops.cast(w, "float32")
+    wt = _swap_last(w)
+    sketch_shape = tuple(w.shape[:-2]) + (w.shape[-1], rank)
+    omega = keras.random.normal(sketch_shape, dtype="float32", seed=seed)
+    q, _ = ops.qr(ops.matmul(w, omega), mode="reduced")
+    for _ in range(int(niter)):
+        z, _ = ops.qr(ops.matmul(wt, q), mode="reduced")
+        q, _ = ops.qr(ops.matmul(w, z), mode="reduced")
+    u_small, s_vals, vt = ops.svd(
+        ops.matmul(_swap_last(q), w), full_matrices=False, compute_uv=True
+    )
+    return ops.matmul(q, u_small), s_vals, vt
+
+
 def olora_factors(w, rank, scale):
     """OLoRA: an orthonormal basis of `W`'s output space becomes `B`.
 
-    With the output-major kernel `Wᵀ = Q·R`: `B = Q[:, :r]ᵀ`, `A = R[:r]ᵀ`,
-    then both are divided by `sqrt(s)` so that `s·A·B = Q_r·R_r` (transposed)
-    exactly; the frozen kernel becomes `W − s·A·B`.
+    With the output-major kernel `Wᵀ = Q·R` (PEFT's `weight = Q·R`):
+    `B = Q[:, :r]ᵀ` and `A = R[:r]ᵀ`, unscaled as in PEFT's `olora_init`, and
+    the frozen kernel becomes `W − s·A·B`.
+
+    Args:
+        w: kernel in matrix form `(..., d, k)`.
+        rank: `r`.
+        scale: `s`.
 
     Returns:
         `(a, b, residual)` in float32, matrix form.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.array([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], "float32")
+    >>> a, b, res = olora_factors(w, 2, 0.5)
+    >>> bool(np.allclose(keras.ops.convert_to_numpy(res), 0.5 * w, atol=1e-6))
+    True
     """
     w32 = ops.cast(w, "float32")
     q, r_mat = ops.qr(_swap_last(w32), mode="reduced")  # Wᵀ (k×d) = Q·R
-    root = math.sqrt(scale)
-    b = _swap_last(q[..., :, :rank]) / root  # (r, k)
-    a = _swap_last(r_mat[..., :rank, :]) / root  # (d, r)
+    b = _swap_last(q[..., :, :rank])  # (r, k)
+    a = _swap_last(r_mat[..., :rank, :])  # (d, r)
     residual = w32 - lowrank_delta(a, b, scale)
     return a, b, residual
 
 
-def kernel_factors(init, w, rank, scale):
-    """Data-dependent factors: `"pissa"` or `"olora"`; see those functions."""
+def pissa_niter(init):
+    """The power-iteration count of `"pissa_niter_<n>"`, else `None`.
+
+    Example:
+
+    >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa")
+    (4, None)
+    """
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        digits = init[len("pissa_niter_") :]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def kernel_factors(init, w, rank, scale, seed=None):
+    """Data-dependent factors: `"pissa"`, `"pissa_niter_<n>"` or `"olora"`.
+
+    Args:
+        init: the init's name.
+        w: kernel in matrix form `(..., d, k)`.
+        rank: `r`.
+        scale: `s`.
+        seed: int or `keras.random.SeedGenerator`, for the randomised SVD.
+
+    Returns:
+        `(a, b, residual)`, float32, matrix form; see `pissa_factors` and
+        `olora_factors`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    >>> a, b, res = kernel_factors("olora", w, 2, 1.0)
+    >>> bool(np.allclose(keras.ops.convert_to_numpy(res + a @ b), w, atol=1e-5))
+    True
+    """
     if init == "pissa":
         return pissa_factors(w, rank, scale)
+    if pissa_niter(init) is not None:
+        return pissa_factors(w, rank, scale, niter=pissa_niter(init), seed=seed)
     if init == "olora":
         return olora_factors(w, rank, scale)
     raise ValueError(
         f"keras_lowrank: init {init!r} does not use the kernel; use "
         "initial_factors()."
     )
+
+
+# --- Adapters relative to the original kernel --------------------------------
+
+
+def original_kernel_factors(a, b, a0, b0):
+    """A PiSSA/OLoRA adapter as a plain LoRA of rank 2r on the original kernel.
+
+    PiSSA and OLoRA train on the residual `W_res = W − s·A0·B0` (`A0`, `B0`
+    the initial factors). After training, relative to the original `W`:
+    `W_res + s·A·B = W + s·(A·B − A0·B0) = W + s·[A, A0]·[B; −B0]`. The
+    factors are concatenated along the rank axis, with `−B0` as in PEFT's
+    `subtract_mutated_init`, so a file holding them applies to the
+    unmodified base model (keep `s` by scaling alpha, see
+    `alpha_for_rank`). A DoRA magnitude carries over unchanged, since
+    `‖W_res + s·A·B‖ = ‖W + s·A'·B'‖`.
+
+    Args:
+        a, b: current factors, matrix form `(..., d, r)` and `(..., r, k)`.
+        a0, b0: initial factors, same shapes.
+
+    Returns:
+        `(a2, b2)`, float32, shapes `(..., d, 2r)` and `(..., 2r, k)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.ones((3, 1), "float32"); b = np.ones((1, 2), "float32")
+    >>> a2, b2 = original_kernel_factors(a, b, a, b)
+    >>> float(keras.ops.max(keras.ops.abs(keras.ops.matmul(a2, b2))))
+    0.0
+    """
+    a2 = ops.concatenate([ops.cast(a, "float32"), ops.cast(a0, "float32")], -1)
+    b2 = ops.concatenate(
+        [ops.cast(b, "float32"), ops.negative(ops.cast(b0, "float32"))], -2
+    )
+    return a2, b2
+
+
+def alpha_for_rank(alpha, rank, new_rank, scaling="standard"):
+    """The alpha that keeps `s` unchanged when the rank becomes `new_rank`.
+
+    `"standard"`: `alpha·new_rank/rank`; `"rslora"`:
+    `alpha·sqrt(new_rank/rank)` (PEFT doubles alpha, or multiplies it by
+    `sqrt(2)`, when it saves PiSSA/OLoRA as a rank-2r LoRA).
+
+    Example:
+
+    >>> alpha_for_rank(16, 8, 16)
+    32.0
+    >>> round(alpha_for_rank(16, 8, 16, "rslora") / math.sqrt(16), 6)
+    5.656854
+    """
+    if scaling == "rslora":
+        return float(alpha) * math.sqrt(new_rank / rank)
+    scaling_factor(alpha, rank, scaling)  # validates `scaling`
+    return float(alpha) * new_rank / rank
 
 
 def _swap_last(x):

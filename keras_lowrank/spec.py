@@ -12,6 +12,9 @@ import re
 SCALINGS = ("standard", "rslora")
 METHODS = ("lora", "dora")
 INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that derive the factors from the kernel and leave a residual kernel.
+# "pissa_niter_<n>" (randomised SVD, n power iterations) is accepted too.
+KERNEL_INITS = ("pissa", "olora")
 LAYER_BIAS_POLICIES = ("none", "all")
 
 # Adapter names become part of variable names and paths. PyTorch refuses "."
@@ -50,7 +53,9 @@ class AdapterSpec:
             magnitude per output unit).
         init: `"default"` (A he-uniform, B zeros), `"gaussian"` (A normal
             with std `1/r`, B zeros), `"pissa"` or `"olora"` (factors from the
-            kernel's SVD or QR; the frozen kernel keeps the residual).
+            kernel's SVD or QR; the frozen kernel keeps the residual), or
+            `"pissa_niter_<n>"` (PiSSA from a randomised SVD with `n` power
+            iterations, as in PEFT: much faster on large kernels).
         bias: `"none"` (the layer's bias stays frozen) or `"all"` (the layer's
             bias trains with the adapter).
 
@@ -100,7 +105,10 @@ class AdapterSpec:
             )
         _check_choice(at, "scaling", self.scaling, SCALINGS)
         _check_choice(at, "method", self.method, METHODS)
-        _check_choice(at, "init", self.init, INITS)
+        if not self.rewrites_kernel:
+            _check_choice(
+                at, "init", self.init, INITS, extra="'pissa_niter_<n>'"
+            )
         _check_choice(at, "bias", self.bias, LAYER_BIAS_POLICIES)
         if (
             isinstance(self.dropout, bool)
@@ -138,6 +146,17 @@ class AdapterSpec:
         return cls(**options)  # a missing `rank` raises Python's TypeError
 
     @property
+    def rewrites_kernel(self):
+        """Whether the init takes the factors from the kernel (PiSSA, OLoRA),
+        leaving the residual `W − s·A0·B0` as the frozen kernel."""
+        from keras_lowrank import adapter_math
+
+        return (
+            self.init in KERNEL_INITS
+            or adapter_math.pissa_niter(self.init) is not None
+        )
+
+    @property
     def scale(self):
         """The factor `s` that multiplies `A·B`."""
         from keras_lowrank import adapter_math
@@ -169,10 +188,11 @@ class AdapterSpec:
         return cls.checked(path, **config)
 
 
-def _check_choice(at, option, value, choices):
+def _check_choice(at, option, value, choices, extra=None):
     if value not in choices:
+        names = [repr(c) for c in choices] + ([extra] if extra else [])
         raise ValueError(
             f"{at}: unknown {option} {value!r}. Use one of "
-            + ", ".join(repr(c) for c in choices)
+            + ", ".join(names)
             + "."
         )

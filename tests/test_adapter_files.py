@@ -236,15 +236,24 @@ def test_save_adapter_needs_a_name_when_ambiguous(tmp_path):
         kl.save_adapter(model, str(tmp_path))
 
 
-def test_pissa_adapters_cannot_be_saved_alone_yet(tmp_path):
+@pytest.mark.parametrize("init, method", [("pissa", "lora"), ("olora", "lora"), ("pissa", "dora")])
+def test_pissa_olora_files_apply_to_the_original_base_model(tmp_path, init, method):
+    """PiSSA/OLoRA rewrite the frozen kernel; their file holds the exact
+    rank-2r equivalent on the original kernel, so it loads into the
+    untouched base model with equal outputs."""
+    x = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
     model = base()
-    kl.adapt(model, rank=2, name="p", init="pissa", targets=["d1"])
-    with pytest.raises(NotImplementedError, match=re.escape(
-        "layer 'd1': adapter 'p' was created with init='pissa', which rewrote "
-        "the frozen kernel"
-    )):
-        kl.save_adapter(model, str(tmp_path / "p.safetensors"))
-    assert not os.listdir(tmp_path)
+    kl.adapt(model, rank=2, name="p", init=init, method=method, targets=["d1", "d2"])
+    randomize(model, seed=5)
+    expected = to_np(model(x))
+    path = str(tmp_path / "p.safetensors")
+    kl.save_adapter(model, path)
+    config = kl.read_adapter_config(path)
+    assert config["layers"]["d1"]["spec"]["rank"] == 4
+    assert config["layers"]["d1"]["spec"]["init"] == "default"
+    assert config["layers"]["d1"]["converted_from"] == {"init": init, "rank": 2}
+    fresh = kl.load_adapter(base(), path)
+    np.testing.assert_allclose(to_np(fresh(x)), expected, atol=1e-5)
 
 
 def test_writes_are_atomic(saved, monkeypatch):

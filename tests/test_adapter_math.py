@@ -194,9 +194,11 @@ def test_dora_combine_equals_rescaled_kernel():
     norm = np.linalg.norm(w_adapted, axis=0)
     expected = x.astype("float64") @ (w_adapted * (m / norm))
     base = x @ w
-    lowrank = am.lowrank_contribution(x, a, b, s)
-    ratio = m / _np(am.dora_weight_norm(w, a, b, s))
-    out = am.dora_combine(base, base, lowrank, ratio.astype("float32"))
+    ratio = (m / _np(am.dora_weight_norm(w, a, b, s))).astype("float32")
+    scaled_b = am.dora_scaled_b(b, ratio, 0)
+    scaled_lowrank = am.lowrank_contribution(x, a, scaled_b, s)
+    base = ops.convert_to_tensor(base)
+    out = am.dora_combine(base, base, scaled_lowrank, ratio)
     _close(out, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -204,7 +206,7 @@ def test_dora_combine_formula_with_dropout():
     rng = np.random.default_rng(9)
     base, base_d, lowrank = _rand(rng, 3, 4), _rand(rng, 3, 4), _rand(rng, 3, 4)
     ratio = np.abs(_rand(rng, 4)) + 0.5
-    out = am.dora_combine(base, base_d, lowrank, ratio)
+    out = am.dora_combine(base, base_d, ratio * lowrank, ratio)
     expected = (
         base.astype("float64") + (ratio - 1.0) * base_d + ratio * lowrank
     )
@@ -292,14 +294,15 @@ def test_olora_factors(batch, scale):
     a, b, residual = am.olora_factors(w, rank, scale)
     assert tuple(a.shape) == batch + (8, rank)
     assert tuple(b.shape) == batch + (rank, 6)
-    # Wᵀ = Q·R; s·A·B = (Q_r·R_r)ᵀ, which does not depend on QR's signs.
+    # Wᵀ = Q·R; A = R_rᵀ and B = Q_rᵀ unscaled (as PEFT and the issue), so
+    # A·B = (Q_r·R_r)ᵀ, which does not depend on QR's signs.
     q, r = np.linalg.qr(np.swapaxes(w.astype("float64"), -1, -2))
     expected = np.swapaxes(q[..., :, :rank] @ r[..., :rank, :], -1, -2)
-    sab = scale * np.matmul(_np(a), _np(b))
-    _close(sab, expected, rtol=1e-4, atol=1e-4)
-    _close(_np(residual) + sab, w)
-    # B's rows are orthonormal up to the 1/sqrt(s) split.
-    bbt = scale * np.matmul(_np(b), np.swapaxes(_np(b), -1, -2))
+    ab = np.matmul(_np(a), _np(b))
+    _close(ab, expected, rtol=1e-4, atol=1e-4)
+    _close(_np(residual) + scale * ab, w)
+    # B's rows are orthonormal.
+    bbt = np.matmul(_np(b), np.swapaxes(_np(b), -1, -2))
     np.testing.assert_allclose(
         bbt, np.broadcast_to(np.eye(rank), bbt.shape), atol=1e-5
     )
@@ -370,7 +373,61 @@ def test_relative_error():
     assert am.relative_error(np.ones((2, 2)), np.zeros((2, 2))) == float("inf")
 
 
-TESTED = {
+def test_dora_scaled_b_scales_each_output_unit():
+    rng = np.random.default_rng(30)
+    b = _rand(rng, 2, 3, 4)  # (batch, r, out)
+    ratio = np.abs(_rand(rng, 2, 4)) + 0.5
+    _close(am.dora_scaled_b(b, ratio, 1), b.astype("float64") * ratio[:, None, :])
+
+
+def test_dora_merge_delta_and_unmerged_base_kernel():
+    rng = np.random.default_rng(31)
+    w0, a, b = _rand(rng, 6, 5), _rand(rng, 6, 2), _rand(rng, 2, 5)
+    a2, b2 = _rand(rng, 6, 2), _rand(rng, 2, 5)
+    m = np.abs(_rand(rng, 5)) + 0.5
+    s = 1.5
+    delta = s * a.astype("float64") @ b
+    norm = np.linalg.norm(w0 + delta, axis=0)
+    c = m / norm
+    expected = (c - 1.0) * w0 + c * delta
+    got = am.dora_merge_delta(w0, delta.astype("float32"), m, norm.astype("float32"))
+    _close(got, expected, rtol=1e-4, atol=1e-4)
+    # W0 + (a LoRA delta) + (the DoRA delta) gives W0 back.
+    lora = (s * a2.astype("float64") @ b2)
+    merged = w0 + lora + expected
+    back = am.unmerged_base_kernel(
+        merged.astype("float32"),
+        [(lora.astype("float32"), None), (delta.astype("float32"), c.astype("float32"))],
+    )
+    _close(back, w0, rtol=1e-4, atol=1e-4)
+    _close(am.unmerged_base_kernel(w0, []), w0)
+
+
+def test_pissa_niter_parses_the_init_name():
+    assert am.pissa_niter("pissa_niter_4") == 4
+    assert am.pissa_niter("pissa_niter_16") == 16
+    assert am.pissa_niter("pissa") is None
+    assert am.pissa_niter("pissa_niter_x") is None
+    assert am.pissa_niter(None) is None
+
+
+def test_truncate_product_is_exact_for_a_low_rank_product():
+    rng = np.random.default_rng(32)
+    a = _rand(rng, 7, 1) @ np.ones((1, 3), "float32")  # rank 1 stored as 3
+    b = _rand(rng, 3, 5)
+    new_a, new_b = am.truncate_product(a, b, 1)
+    assert tuple(new_a.shape) == (7, 1)
+    _close(_np(new_a) @ _np(new_b), a.astype("float64") @ b, rtol=1e-4, atol=1e-4)
+
+
+# Tested in tests/test_variants.py against float64 closed forms.
+TESTED_ELSEWHERE = {"randomized_svd", "original_kernel_factors", "alpha_for_rank"}
+
+TESTED = TESTED_ELSEWHERE | {
+    "dora_scaled_b",
+    "dora_merge_delta",
+    "unmerged_base_kernel",
+    "pissa_niter",
     "combine_linear",
     "combine_cat",
     "truncate_product",

@@ -76,7 +76,7 @@ BAD_OPTIONS = [
     (dict(scaling="rs"), ValueError, r"unknown scaling 'rs'\. Use one of "
      r"'standard', 'rslora'\."),
     (dict(init="kaiming"), ValueError, r"unknown init 'kaiming'\. Use one of "
-     r"'default', 'gaussian', 'pissa', 'olora'\."),
+     r"'default', 'gaussian', 'pissa', 'olora', 'pissa_niter_<n>'\."),
     (dict(method="lokr"), ValueError, r"unknown method 'lokr'\. Use one of "
      r"'lora', 'dora'\."),
     (dict(bias="lora_only"), ValueError, r"unknown bias 'lora_only'\. Use "

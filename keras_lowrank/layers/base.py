@@ -12,9 +12,24 @@ two ways:
   after: nothing is copied, and the parent model, which may be subclassed or a
   KerasHub model whose sublayers cannot be swapped, keeps working.
 
-Each adapter has a name, an `AdapterSpec` and its variables (`A`, `B`, and for
-DoRA the magnitude `m` and the norm kept while merged). A layer can hold
-several; the active ones add up; merged ones live inside the kernel.
+Each adapter has a name, an `AdapterSpec` and its variables (`A`, `B`, for
+DoRA the magnitude `m` and the norm kept while merged, for PiSSA/OLoRA the
+initial factors `A0`, `B0`). A layer can hold several; the active ones add
+up; merged ones live inside the kernel.
+
+Several adapters act on the same base kernel `W0` (the kernel with nothing
+merged) side by side: a LoRA adapter adds `s·A·B`, a DoRA adapter adds
+`(c − 1)·W0 + c·s·A·B` with `c = m/‖W0 + s·A·B‖`. Merging any subset, in any
+order, therefore leaves the output unchanged. (PEFT scales the outputs of the
+adapters before a DoRA adapter too when there is no dropout, and not when
+there is; with a single adapter, the only case PEFT files hold, both agree.)
+
+DoRA and mixed precision: inside `call` Keras hands layers their kernel in
+the compute dtype, so the norm `‖W0 + s·A·B‖` is always taken of the kernel
+rounded to the compute dtype (then in float32), in `call`, at creation (the
+initial `m`) and when merging alike. The adapter's own variables are float32
+and never autocast. So `m/‖·‖` is exactly 1 right after creation and the
+initial output equals the base output under every dtype policy.
 
 Subclasses describe only their own geometry (see the "geometry" methods at the
 end); every formula comes from `keras_lowrank.adapter_math`.
@@ -34,6 +49,11 @@ from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.spec import where
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+# The variables an adapter may own, by key: the factors, DoRA's magnitude and
+# the norm it keeps while merged, and the initial factors of PiSSA/OLoRA.
+ADAPTER_KEYS = ("A", "B", "magnitude", "norm", "A0", "B0")
+TRAINABLE_KEYS = ("A", "B", "magnitude")
 
 
 class _AdapterState:
@@ -82,6 +102,9 @@ class LowRankLayer:
         """
         path = _path_of(self)
         self._lowrank = _AdapterState(self.base_class)
+        # Adapters given as a dict come from a config: their values are about
+        # to be loaded, so kernel inits (an SVD or QR per layer) are skipped.
+        self._lowrank_from_config = adapters is not None
         if adapters is None:
             spec = AdapterSpec.checked(
                 path,
@@ -123,8 +146,13 @@ class LowRankLayer:
         """
         pending = getattr(self, "_lowrank_pending", None) or {}
         merged = self._lowrank_pending_merged
+        from_config = getattr(self, "_lowrank_from_config", False)
         for name, spec in pending.items():
-            self.add_adapter(name, spec, restore=name in merged)
+            skip = name in merged or (from_config and spec.rewrites_kernel)
+            self.add_adapter(name, spec, restore=skip)
+            if skip and name not in merged and spec.method == "dora":
+                # Neutral until the saved values arrive: A = B = 0, m = ‖W‖.
+                self._set_initial_magnitude(name, spec)
         self._lowrank.active = [
             n for n in self._lowrank_pending_active if n in pending
         ]
@@ -350,10 +378,13 @@ class LowRankLayer:
         return self._lowrank.specs[self._known(name)]
 
     def adapter_variables(self, name):
-        """`{"A": ..., "B": ...}` (plus `"magnitude"`, `"norm"` for DoRA)."""
-        self._known(name)
+        """`{"A": ..., "B": ...}`, plus `"magnitude"`, `"norm"` for DoRA and
+        `"A0"`, `"B0"` (the initial factors) for PiSSA/OLoRA."""
+        return self._variables_of(self._known(name))
+
+    def _variables_of(self, name):
         out = {}
-        for key in ("A", "B", "magnitude", "norm"):
+        for key in ADAPTER_KEYS:
             var = getattr(self, _var_attr(key, name), None)
             if var is not None:
                 out[key] = var
@@ -404,24 +435,30 @@ class LowRankLayer:
                 f"most {layout.max_rank}."
             )
         self.check_spec(spec, path)
-        rewrites_kernel = spec.init in ("pissa", "olora") and not restore
-        if rewrites_kernel and self.quantization_mode is not None:
-            raise ValueError(
-                f"{where(path)}: init={spec.init!r} rewrites the kernel, "
-                f"which is quantized ({self.quantization_mode!r}) and cannot "
-                "be rewritten. Adapt the float model first, then "
-                "`model.quantize(...)`: the residual kernel gets quantized."
-            )
-        if spec.init in ("pissa", "olora") and self._lowrank.merged:
-            raise ValueError(
-                f"{where(path)}: init={spec.init!r} rewrites the kernel, "
-                "which holds merged adapters now. `unmerge` first."
-            )
+        if spec.rewrites_kernel and not restore:
+            if self.quantization_mode is not None:
+                raise ValueError(
+                    f"{where(path)}: init={spec.init!r} rewrites the kernel, "
+                    f"which is quantized ({self.quantization_mode!r}) and "
+                    "cannot be rewritten. Adapt the float model first, then "
+                    "`model.quantize(...)`: the residual kernel gets "
+                    "quantized."
+                )
+            if self._lowrank.merged:
+                raise ValueError(
+                    f"{where(path)}: init={spec.init!r} rewrites the kernel, "
+                    "which holds merged adapters now. `unmerge` first."
+                )
+            self._check_no_dora(f"init={spec.init!r} rewrites the kernel")
         values = None if restore else self._initial_values(spec, seed)
         created = []
         try:
             with self._unlocked_scope():
                 for key, shape, trainable in self._variable_plan(spec, layout):
+                    # float32 and never autocast: cast at use, and DoRA's
+                    # ratio m/‖·‖ is formed in float32 under any policy.
+                    # Created under a layout derived from the kernel's when a
+                    # keras.distribution is active (see `sharding`).
                     var = sharding.create_adapter_variable(
                         self, key, f"lowrank_{key}_{name}", shape, trainable,
                         layout,
@@ -446,15 +483,40 @@ class LowRankLayer:
                     )
                 else:
                     getattr(self, _var_attr(key, name)).assign(value)
+            if spec.method == "dora":
+                self._set_initial_magnitude(name, spec)
         self._lowrank.specs[name] = spec
         self._lowrank.active.append(name)
         self._refresh_trainable()
 
     def delete_adapter(self, name):
-        """Removes adapter `name` and its variables (unmerging it first)."""
-        self._known(name)
+        """Removes adapter `name` and its variables (unmerging it first).
+
+        A PiSSA/OLoRA adapter gives back what its init took from the kernel
+        (`W_res + s·A0·B0 = W`), so the layer returns to its original kernel.
+        """
+        spec = self.adapter_spec(name)
+        if spec.rewrites_kernel:
+            self._check_no_dora(
+                f"deleting the init={spec.init!r} adapter {name!r} restores "
+                "the kernel",
+                exclude=name,
+            )
         if name in self._lowrank.merged:
             self.unmerge([name])
+        if spec.rewrites_kernel:
+            layout = self._layout()
+            variables = self._variables_of(name)
+            kernel = self._kernel_variable()
+            restored = adapter_math.merge_kernel(
+                layout.to_matrix(kernel),
+                adapter_math.lowrank_delta(
+                    layout.a_to_matrix(variables["A0"]),
+                    layout.b_to_matrix(variables["B0"]),
+                    spec.scale,
+                ),
+            )
+            kernel.assign(layout.from_matrix(restored))
         self.forget_adapter(name)
 
     def forget_adapter(self, name):
@@ -465,7 +527,7 @@ class LowRankLayer:
         if name in self._lowrank.merged:
             self._lowrank.merged.remove(name)
         with self._unlocked_scope():
-            for key in ("A", "B", "magnitude", "norm"):
+            for key in ADAPTER_KEYS:
                 if hasattr(self, _var_attr(key, name)):
                     _delete_variable(self, _var_attr(key, name))
         del self._lowrank.specs[name]
@@ -502,33 +564,24 @@ class LowRankLayer:
     def delta(self, name):
         """`ΔW` of adapter `name` in the kernel's own layout (float32).
 
-        For LoRA this is `s·A·B`; for DoRA it is the full change
-        `(m/‖W+s·A·B‖)·(W+s·A·B) − W` relative to the current kernel.
+        For LoRA this is `s·A·B`; for DoRA it is what merging adds,
+        `(c − 1)·W0 + c·s·A·B` with `c = m/‖W0 + s·A·B‖`, `W0` being the
+        kernel without merged adapters. Merging adapter `name` adds exactly
+        this to the kernel.
         """
         spec = self.adapter_spec(name)
         layout = self._layout()
-        variables = self.adapter_variables(name)
-        delta = adapter_math.lowrank_delta(
-            layout.a_to_matrix(variables["A"]),
-            layout.b_to_matrix(variables["B"]),
-            spec.scale,
-        )
-        if spec.method == "dora":
-            w = layout.to_matrix(self._float_kernel())
-            norm = adapter_math.dora_weight_norm(
-                w,
-                layout.a_to_matrix(variables["A"]),
-                layout.b_to_matrix(variables["B"]),
-                spec.scale,
-            )
-            magnitude = layout.units_to_matrix(variables["magnitude"])
-            merged = adapter_math.dora_merged_kernel(w, delta, magnitude, norm)
-            delta = ops.cast(merged, "float32") - ops.cast(w, "float32")
+        w0 = self._base_matrix() if spec.method == "dora" else None
+        delta, _ = self._merge_delta(name, w0)
         return layout.from_matrix(delta)
 
     def merge(self, names=None):
         """Folds adapters (default: every active, unmerged one) into the
         kernel. Merging an adapter twice does nothing the second time.
+
+        Exact for any subset in any order: see the module docstring. A DoRA
+        adapter keeps the norm it used in its `norm` variable while merged,
+        which is what `unmerge` needs to take it out again.
 
         A quantized kernel is refused: merging into it would be lossy and
         could not be undone. `dequantize()` it first.
@@ -545,23 +598,20 @@ class LowRankLayer:
             self.check_mergeable()
         kernel = self._kernel_variable()
         layout = self._layout()
-        for name in names:
+        for name in list(names):
             if name in self._lowrank.merged:
                 continue
-            spec = self._lowrank.specs[name]
-            variables = self.adapter_variables(name)
-            a = layout.a_to_matrix(variables["A"])
-            b = layout.b_to_matrix(variables["B"])
+            dora = self._lowrank.specs[name].method == "dora"
+            w0 = self._base_matrix() if dora else None
+            delta, norm = self._merge_delta(name, w0)
             w = layout.to_matrix(kernel)
-            delta = adapter_math.lowrank_delta(a, b, spec.scale)
-            if spec.method == "dora":
-                norm = adapter_math.dora_weight_norm(w, a, b, spec.scale)
-                magnitude = layout.units_to_matrix(variables["magnitude"])
-                new_w = adapter_math.dora_merged_kernel(w, delta, magnitude, norm)
-                variables["norm"].assign(layout.units_from_matrix(norm))
-            else:
-                new_w = adapter_math.merge_kernel(w, delta)
-            kernel.assign(layout.from_matrix(new_w))
+            kernel.assign(
+                layout.from_matrix(adapter_math.merge_kernel(w, delta))
+            )
+            if dora:
+                self._variables_of(name)["norm"].assign(
+                    layout.units_from_matrix(norm)
+                )
             self._lowrank.merged.append(name)
         self._refresh_trainable()
 
@@ -569,28 +619,23 @@ class LowRankLayer:
         """Takes merged adapters (default: all) back out of the kernel, in
         the reverse order of merging."""
         names = list(self._lowrank.merged) if names is None else list(names)
+        for name in names:
+            self._known(name)
         kernel = self._kernel_variable()
         layout = self._layout()
         for name in reversed(list(self._lowrank.merged)):
             if name not in names:
                 continue
-            spec = self._lowrank.specs[name]
-            variables = self.adapter_variables(name)
-            a = layout.a_to_matrix(variables["A"])
-            b = layout.b_to_matrix(variables["B"])
+            dora = self._lowrank.specs[name].method == "dora"
+            w0 = self._base_matrix() if dora else None
+            delta, _ = self._merge_delta(name, w0)
             w = layout.to_matrix(kernel)
-            delta = adapter_math.lowrank_delta(a, b, spec.scale)
-            if spec.method == "dora":
-                new_w = adapter_math.dora_unmerged_kernel(
-                    w,
-                    delta,
-                    layout.units_to_matrix(variables["magnitude"]),
-                    layout.units_to_matrix(variables["norm"]),
-                )
-                variables["norm"].assign(ops.zeros_like(variables["norm"]))
-            else:
-                new_w = adapter_math.unmerge_kernel(w, delta)
-            kernel.assign(layout.from_matrix(new_w))
+            kernel.assign(
+                layout.from_matrix(adapter_math.unmerge_kernel(w, delta))
+            )
+            if dora:
+                norm = self._variables_of(name)["norm"]
+                norm.assign(ops.zeros(norm.shape, "float32"))
             self._lowrank.merged.remove(name)
         self._refresh_trainable()
 
@@ -616,6 +661,61 @@ class LowRankLayer:
             `(None, None)` if it was not quantized.
         """
         return quantized.dequantize(self)
+
+    def adapter_for_original_kernel(self, name):
+        """Adapter `name` as options and values that apply to the original
+        kernel: what an adapter file should hold.
+
+        For LoRA and DoRA with data-free inits this is the adapter itself.
+        PiSSA/OLoRA train on the residual kernel `W_res = W − s·A0·B0`; their
+        equivalent on the original `W` is the plain adapter of rank 2r with
+        `A' = [A, A0]`, `B' = [B; −B0]` and alpha scaled to keep `s` (see
+        `adapter_math.original_kernel_factors`); a DoRA magnitude carries
+        over unchanged. If `2r` exceeds `min(d, k)` the factors are
+        recompressed to rank `min(d, k)`, which is exact.
+
+        Args:
+            name: the adapter's name.
+
+        Returns:
+            `(spec, values)`: an `AdapterSpec` with a data-free init and a
+            dict of float32 tensors in the stored layouts (`"A"`, `"B"`,
+            plus `"magnitude"` for DoRA).
+
+        Example:
+
+        >>> from keras_lowrank import LowRankDense
+        >>> layer = LowRankDense(6, rank=2, init="pissa")
+        >>> layer.build((None, 5))
+        >>> spec, values = layer.adapter_for_original_kernel("default")
+        >>> spec.rank, spec.init, tuple(values["A"].shape)
+        (4, 'default', (5, 4))
+        """
+        spec = self.adapter_spec(name)
+        variables = self._variables_of(name)
+        values = {
+            key: ops.convert_to_tensor(variables[key])
+            for key in ("A", "B", "magnitude")
+            if key in variables
+        }
+        if not spec.rewrites_kernel:
+            return spec, values
+        layout = self._layout()
+        a, b = adapter_math.original_kernel_factors(
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            layout.a_to_matrix(variables["A0"]),
+            layout.b_to_matrix(variables["B0"]),
+        )
+        rank = min(2 * spec.rank, layout.max_rank)
+        if rank < 2 * spec.rank:
+            a, b = adapter_math.truncate_product(a, b, rank)
+        alpha = adapter_math.alpha_for_rank(
+            spec.alpha, spec.rank, rank, spec.scaling
+        )
+        values["A"] = layout.a_from_matrix(a)
+        values["B"] = layout.b_from_matrix(b)
+        return spec.replace(rank=rank, alpha=alpha, init="default"), values
 
     # --- Keras hooks --------------------------------------------------------
 
@@ -683,14 +783,22 @@ class LowRankLayer:
 
     def _add_adapter_output(self, outputs, base, inputs, name, training):
         spec = self._lowrank.specs[name]
-        variables = self.adapter_variables(name)
+        variables = self._variables_of(name)
         dropped = adapter_math.adapter_dropout(
             inputs, spec.dropout, training, self._dropout_seed(name)
         )
+        b = variables["B"]
+        if spec.method == "dora":
+            layout = self._layout()
+            norm = self._dora_norm(spec, variables)
+            ratio = ops.divide(
+                variables["magnitude"], layout.units_from_matrix(norm)
+            )
+            b = adapter_math.dora_scaled_b(b, ratio, len(layout.batch_shape))
         lowrank = adapter_math.lowrank_contribution(
             dropped,
             variables["A"],
-            variables["B"],
+            b,
             spec.scale,
             contract_a=self._contract_a,
             contract_b=self._contract_b,
@@ -699,25 +807,51 @@ class LowRankLayer:
         lowrank = ops.cast(lowrank, outputs.dtype)
         if spec.method == "lora":
             return ops.add(outputs, lowrank)
-        layout = self._layout()
-        norm = adapter_math.dora_weight_norm(
-            layout.to_matrix(self._float_kernel()),
-            layout.a_to_matrix(variables["A"]),
-            layout.b_to_matrix(variables["B"]),
-            spec.scale,
-        )
-        ratio = ops.divide(
-            ops.cast(variables["magnitude"], "float32"),
-            layout.units_from_matrix(norm),
-        )
         # Without dropout x_d·W is the x·W already computed: no second matmul.
         base_dropped = base if dropped is inputs else self._base_output(dropped)
+        if self._lowrank.merged:
+            base_dropped = self._unmerged_base_output(dropped, base_dropped)
         return adapter_math.dora_combine(
             outputs,
             base_dropped,
             lowrank,
             self._units_to_output(ratio, len(outputs.shape)),
         )
+
+    def _unmerged_base_output(self, x, y):
+        """`x·W0` from `y = x·W`, W holding merged adapters, in low rank.
+
+        `x·W = (x·W0)·(1 + Σ_j (c_j − 1)) + Σ_i s·(x·A_i)·B_i
+        + Σ_j c_j·s·(x·A_j)·B_j` over merged LoRA adapters `i` and DoRA
+        adapters `j` (see `adapter_math.unmerged_base_kernel`), solved for
+        `x·W0` per output unit, with no kernel-sized temporary.
+        """
+        rho = None
+        for name in self._lowrank.merged:
+            spec = self._lowrank.specs[name]
+            variables = self._variables_of(name)
+            part = adapter_math.lowrank_contribution(
+                x,
+                variables["A"],
+                variables["B"],
+                spec.scale,
+                contract_a=self._contract_a,
+                contract_b=self._contract_b,
+                dtype=self.compute_dtype,
+            )
+            part = ops.cast(part, y.dtype)
+            if spec.method == "dora":
+                c = ops.cast(
+                    self._units_to_output(
+                        ops.divide(variables["magnitude"], variables["norm"]),
+                        len(y.shape),
+                    ),
+                    y.dtype,
+                )
+                part = ops.multiply(c, part)
+                rho = c if rho is None else ops.add(rho, c - 1.0)
+            y = ops.subtract(y, part)
+        return y if rho is None else ops.divide(y, rho)
 
     def get_config(self):
         config = super().get_config()
@@ -818,40 +952,39 @@ class LowRankLayer:
         if spec.method == "dora":
             plan.append(("magnitude", layout.unit_shape, True))
             plan.append(("norm", layout.unit_shape, False))
+        if spec.rewrites_kernel:
+            # The initial factors: with them an adapter file can hold the
+            # equivalent adapter on the original kernel (see
+            # `adapter_for_original_kernel`) and `delete_adapter` can restore
+            # the kernel.
+            plan.append(("A0", layout.a_shape(spec.rank), False))
+            plan.append(("B0", layout.b_shape(spec.rank), False))
         return plan
 
     def _initial_values(self, spec, seed):
+        """Initial `A`, `B` (and `A0`, `B0`, `kernel` for PiSSA/OLoRA); the
+        DoRA magnitude is set afterwards, from the final kernel."""
         layout = self._layout()
         values = {}
-        if spec.init in ("pissa", "olora"):
+        if spec.rewrites_kernel:
             a, b, residual = adapter_math.kernel_factors(
                 spec.init,
                 layout.to_matrix(self._float_kernel()),
                 spec.rank,
                 spec.scale,
+                seed=seed,
             )
+            # A0/B0 get their own buffers: on JAX, two variables holding
+            # the same array make `fit` fail ("donate the same buffer twice").
             values["A"] = layout.a_from_matrix(a)
             values["B"] = layout.b_from_matrix(b)
+            values["A0"] = ops.copy(values["A"])
+            values["B0"] = ops.copy(values["B"])
             values["kernel"] = layout.from_matrix(residual)
-            kernel_for_norm = residual
         else:
-            a, b = self._data_free_factors(spec, layout, seed)
-            values["A"], values["B"] = a, b
-            kernel_for_norm = None
-        if spec.method == "dora":
-            w = (
-                layout.to_matrix(self._float_kernel())
-                if kernel_for_norm is None
-                else kernel_for_norm
+            values["A"], values["B"] = self._data_free_factors(
+                spec, layout, seed
             )
-            # m starts at ‖W + s·A·B‖ so the adapted layer starts at the base.
-            norm = adapter_math.dora_weight_norm(
-                w,
-                layout.a_to_matrix(values["A"]),
-                layout.b_to_matrix(values["B"]),
-                spec.scale,
-            )
-            values["magnitude"] = layout.units_from_matrix(norm)
         return values
 
     def _data_free_factors(self, spec, layout, seed):
@@ -876,7 +1009,7 @@ class LowRankLayer:
             live = []
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
-                var.trainable = key != "norm" and name in live
+                var.trainable = key in TRAINABLE_KEYS and name in live
         bias = getattr(self, "bias", None)
         if isinstance(bias, keras.Variable):
             bias.trainable = any(
@@ -887,6 +1020,96 @@ class LowRankLayer:
         if self.quantization_mode is not None:
             return quantized.dequantized_kernel(self)
         return self._kernel_variable()
+
+    def _set_initial_magnitude(self, name, spec):
+        """m = ‖W0 + s·A·B‖, computed exactly as `call` computes the norm, so
+        that `m/‖·‖ = 1` and the adapted layer starts at the base layer."""
+        norm = self._dora_norm(spec, self._variables_of(name))
+        getattr(self, _var_attr("magnitude", name)).assign(
+            self._layout().units_from_matrix(norm)
+        )
+
+    def _check_no_dora(self, action, exclude=None):
+        """Refuses kernel rewrites while a DoRA adapter, whose norm is taken
+        of the kernel, is on the layer."""
+        for other, spec in self._lowrank.specs.items():
+            if other != exclude and spec.method == "dora":
+                raise ValueError(
+                    f"{where(self.path)}: {action}, which would change the "
+                    f"DoRA adapter {other!r} (its norm is taken of the "
+                    "kernel). Delete the DoRA adapter first, or add the "
+                    "PiSSA/OLoRA adapter before it."
+                )
+
+    def _merge_delta(self, name, w0):
+        """What merging `name` adds to the kernel (matrix form, float32),
+        and for DoRA the norm it uses (the stored one while merged)."""
+        spec = self._lowrank.specs[name]
+        variables = self._variables_of(name)
+        layout = self._layout()
+        delta = adapter_math.lowrank_delta(
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            spec.scale,
+        )
+        if spec.method != "dora":
+            return delta, None
+        if name in self._lowrank.merged:
+            norm = layout.units_to_matrix(
+                ops.convert_to_tensor(variables["norm"])
+            )
+        else:
+            norm = self._dora_norm(spec, variables)
+        magnitude = layout.units_to_matrix(
+            ops.convert_to_tensor(variables["magnitude"])
+        )
+        return adapter_math.dora_merge_delta(w0, delta, magnitude, norm), norm
+
+    def _merged_terms(self):
+        """`(delta, ratio)` of every merged adapter, for
+        `adapter_math.unmerged_base_kernel`."""
+        layout = self._layout()
+        terms = []
+        for name in self._lowrank.merged:
+            spec = self._lowrank.specs[name]
+            variables = self._variables_of(name)
+            delta = adapter_math.lowrank_delta(
+                layout.a_to_matrix(variables["A"]),
+                layout.b_to_matrix(variables["B"]),
+                spec.scale,
+            )
+            ratio = None
+            if spec.method == "dora":
+                ratio = layout.units_to_matrix(
+                    ops.divide(variables["magnitude"], variables["norm"])
+                )
+            terms.append((delta, ratio))
+        return terms
+
+    def _base_matrix(self, rounded=False):
+        """`W0`, the kernel without merged adapters, matrix form, float32.
+
+        With `rounded=True` the kernel is first rounded to the compute dtype,
+        as Keras hands it to `call` under a mixed precision policy: DoRA's
+        norm is always taken of that.
+        """
+        kernel = self._float_kernel()
+        if rounded:
+            kernel = ops.cast(kernel, self.compute_dtype)
+        w = self._layout().to_matrix(ops.cast(kernel, "float32"))
+        if self._lowrank.merged:
+            w = adapter_math.unmerged_base_kernel(w, self._merged_terms())
+        return w
+
+    def _dora_norm(self, spec, variables):
+        """`‖W0 + s·A·B‖` per output unit, matrix form `(*batch, k)`."""
+        layout = self._layout()
+        return adapter_math.dora_weight_norm(
+            self._base_matrix(rounded=True),
+            layout.a_to_matrix(variables["A"]),
+            layout.b_to_matrix(variables["B"]),
+            spec.scale,
+        )
 
     @classmethod
     def check_spec(cls, spec, path):

@@ -148,7 +148,8 @@ _CONV_DOC = """A `keras.layers.Conv{n}D` with low-rank adapters.
     strides, padding and dilation; `B` `(r, filters)` mixes the r channels, so
     `ΔW = A·B` is a true rank-r update of the kernel's matrix form
     (`prod(kernel_size)·in_channels` × `filters`). Grouped convolutions are
-    refused.
+    refused. DoRA, as in PEFT: one magnitude per filter, the norm taken over
+    the window and the input channels.
 
     Args:
         filters: number of output channels, as for `keras.layers.Conv{n}D`.

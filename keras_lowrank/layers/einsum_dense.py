@@ -17,6 +17,8 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     output and batch axes (see `einsum_factorization`); `A` has shape
     `(*batch, *in, r)` and `B` `(*batch, r, *out)`. The adapter path is
     `s·einsum(einsum(dropout(x), A), B)`; no kernel-sized update is formed.
+    DoRA keeps one magnitude per output unit, batch axes included (shape
+    `(*batch, *out)`), the norm taken over the input (contracted) axes.
 
     Args:
         equation: the einsum equation, as for `keras.layers.EinsumDense`.

@@ -24,6 +24,11 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
     std `1/r`. Either way the layer starts equal to the plain Embedding.
     Dropout does not apply (the input is token ids), so `dropout` must be 0.
 
+    DoRA follows PEFT's embedding DoRA: one magnitude per embedding
+    dimension, the norm taken over the vocabulary axis (`‖E_:,j + s·(AB)_:,j‖`),
+    and `y = (m/‖·‖)·(E[ids] + s·A[ids]·B)`. The norm reads the whole table
+    each step (`AᵀE`, r×dim), but no vocab×dim matrix is formed.
+
     Args:
         input_dim: vocabulary size, as for `keras.layers.Embedding`.
         output_dim: embedding size.

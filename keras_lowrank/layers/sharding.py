@@ -62,7 +62,8 @@ def adapter_layout(layer, key, kernel_layout):
 
 
 def create_adapter_variable(layer, key, name, shape, trainable, kernel_layout):
-    """Creates one float32 adapter variable (zeros) under its layout.
+    """Creates one float32 adapter variable (zeros, never autocast) under
+    its layout.
 
     Must be called inside the layer's `_unlocked_scope` (which sets the name
     scope, so the path is `<layer.path>/<name>`); the caller assigns it to a
@@ -76,12 +77,14 @@ def create_adapter_variable(layer, key, name, shape, trainable, kernel_layout):
             initializer="zeros",
             dtype="float32",
             trainable=trainable,
+            autocast=False,
         )
     return keras.Variable(
         initializer="zeros",
         shape=shape,
         dtype="float32",
         trainable=trainable,
+        autocast=False,
         name=name,
         layout=layout,
     )
