@@ -16,6 +16,8 @@ set_adapter, delete, load), so it never depends on history:
 
 import warnings
 
+import keras
+
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.model_state import state_of
 from keras_lowrank.walk import own_weights
@@ -73,6 +75,23 @@ def reset_compiled_functions(model):
     for attr in ("train_function", "test_function", "predict_function"):
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
+    refresh_torch_parameters(model)
+
+
+def refresh_torch_parameters(model):
+    """Re-lists every layer's variables as torch parameters (torch backend).
+
+    On the torch backend each Keras layer, and the model itself, is a
+    `torch.nn.Module` whose `torch.nn.ParameterDict` is filled when it is
+    built. Adapter variables added later reach their own layer's dict but
+    not the model's, so `model.parameters()` (what a PyTorch optimizer or
+    `DistributedDataParallel` sees) would miss the factors, and keep variables
+    that were removed. Keras does the same refresh after `model.quantize`.
+    """
+    if keras.backend.backend() != "torch":
+        return
+    for layer in [model] + [visit.layer for visit in walk(model)]:
+        layer._track_variables()
 
 
 

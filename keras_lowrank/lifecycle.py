@@ -15,17 +15,27 @@ import gc
 
 from keras_lowrank import freezing
 from keras_lowrank import owned
+from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.model_state import adapted_layers
 from keras_lowrank.model_state import state_of
 from keras_lowrank.model_state import unmark_adapted
 
 
-def merge(model):
+def merge(model, quantized="error"):
     """Folds the active adapters into their kernels, exactly; returns `model`.
 
     Outputs are unchanged (up to float rounding); inference then costs what
     the base model costs. Merged factors stop training until `unmerge`.
     Merging twice does nothing the second time.
+
+    Args:
+        model: an adapted model.
+        quantized: what to do with int8/int4 kernels (`model.quantize`):
+            `"error"` (default) raises, since merging into an integer kernel
+            is lossy and cannot be undone; `"dequantize"` first turns those
+            kernels into the float kernels they stand for (the layers stop
+            being quantized), then merges exactly. To merge and quantize
+            again, use `unload(model, quantized="requantize")`.
 
     Example:
 
@@ -41,7 +51,11 @@ def merge(model):
     """
     state_of(model)
     before = freezing.trainable_ids(model)
-    for layer in adapted_layers(model):
+    layers = adapted_layers(model)
+    quantization.prepare_merge(
+        layers, quantized, quantization.MERGE_POLICIES, "merge"
+    )
+    for layer in layers:
         layer.merge()
     freezing.apply(model)
     freezing.refresh_optimizer(model, before)

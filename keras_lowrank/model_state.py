@@ -27,6 +27,7 @@ import numpy as np
 from keras_lowrank import owned
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.layers import quantized
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.version import __version__
 from keras_lowrank.walk import find_layer
@@ -178,6 +179,7 @@ def mark_adapted(model):
     """Changes `model`'s class to its adapted subclass (idempotent)."""
     if isinstance(model, AdaptedModel):
         return
+    quantized.install_model_hook(model, adapted_layers)
     original = type(model)
     cls = _ADAPTED_CLASSES.get(original)
     if cls is None:
@@ -207,6 +209,7 @@ def mark_adapted(model):
 def unmark_adapted(model):
     """Gives `model` back its original class."""
     if isinstance(model, AdaptedModel):
+        quantized.remove_model_hook(model)
         model.__class__ = type(model)._keras_lowrank_original
 
 

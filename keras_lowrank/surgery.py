@@ -16,6 +16,7 @@ from keras_lowrank import owned
 from keras_lowrank import targets as targeting
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.model_state import ModelState
 from keras_lowrank.model_state import adapted_layers
 from keras_lowrank.model_state import adapted_visits
@@ -209,9 +210,16 @@ def install(model, name, plan, record, seed=None, factors=None, owned_values=Non
     return model
 
 
-def unload(model):
+def unload(model, quantized="error"):
     """Merges the active adapters and turns every adapted layer back into its
     plain Keras class, in place; returns `model`.
+
+    `quantized` says what happens to int8/int4 kernels (`model.quantize`):
+    `"error"` (default) raises before changing anything; `"dequantize"`
+    merges into the float kernels they stand for (exact; the layers come back
+    unquantized); `"requantize"` merges in float, then quantizes each kernel
+    again with its own mode and settings, and warns with the largest change
+    this made to a kernel (re-quantizing a merged kernel is lossy).
 
     Inactive adapters are discarded; layers and biases adapters own keep the
     active adapter's values. The result holds no keras_lowrank class:
@@ -231,12 +239,17 @@ def unload(model):
     state = state_of(model)
     before = freezing.trainable_ids(model)
     layers = adapted_layers(model)
+    dequantized = quantization.prepare_merge(
+        layers, quantized, quantization.UNLOAD_POLICIES, "unload"
+    )
     for layer in layers:
         layer.merge()
     for layer in layers:
         for name in layer.adapter_names:
             layer.forget_adapter(name)
         type(layer).revert(layer)
+    if quantized == "requantize":
+        quantization.requantize_merged(dequantized)
     unmark_adapted(model)
     del model._keras_lowrank
     restore_plain_trainability(model, state)

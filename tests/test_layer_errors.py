@@ -198,16 +198,18 @@ def test_int_dtype_policy():
         LowRankDense(4, dtype="int32", name="ints2")
 
 
-def test_quantized_layer():
+def test_float8_quantized_layer():
+    # int8/int4 bases are supported (tests/test_quantized.py); float8 is not.
     layer = keras.layers.Dense(4, name="q")
     layer.build((None, 8))
-    layer.quantize("int8")
+    layer.quantize("float8")
     _assert_from_layer_fails(
         LowRankDense,
         layer,
         TypeError,
-        r"the layer is quantized \('int8'\).*Adapt the model before "
-        r"`model.quantize\(\.\.\.\)`, or exclude the layer\.",
+        r"cannot adapt a layer quantized with 'float8': float8 training "
+        r"fake-quantizes the kernel .* Adapters support 'int8' and 'int4' "
+        r"bases\.",
     )
 
 

@@ -42,6 +42,8 @@ import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank.layers import quantized
+from keras_lowrank.layers import sharding
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.spec import where
@@ -64,6 +66,7 @@ class _AdapterState:
         self.active = []  # names whose contribution is added in `call`
         self.merged = []  # names currently folded into the kernel
         self.seed = None  # SeedGenerator for adapter dropout, made on demand
+        self.replay = {}  # name -> dropout seed drawn outside a remat call
 
 
 class LowRankLayer:
@@ -132,6 +135,7 @@ class LowRankLayer:
             else list(self._lowrank_pending)
         )
         self._lowrank_pending_merged = list(merged_adapters or [])
+        quantized.install_layer_hook(self)
 
     def _build_adapters(self):
         """Creates the recorded adapters; called at the end of `build`.
@@ -286,13 +290,9 @@ class LowRankLayer:
                 f"floating-point kernel ({', '.join(SUPPORTED_DTYPES)}). Use "
                 "a float dtype policy for this layer, or exclude it."
             )
-        if layer.quantization_mode is not None:
-            raise TypeError(
-                f"{where(path)}: the layer is quantized "
-                f"({layer.quantization_mode!r}); quantized bases are not "
-                "supported by this version. Adapt the model before "
-                "`model.quantize(...)`, or exclude the layer."
-            )
+        quantized.check_mode(
+            layer.quantization_mode, path, "adapt a layer quantized with"
+        )
         cls._check_geometry(layer, path)
 
     @classmethod
@@ -309,6 +309,7 @@ class LowRankLayer:
         layer.__class__ = cls
         layer._lowrank = _AdapterState(original)
         layer._lowrank_pending = {}
+        quantized.install_layer_hook(layer)
         _refresh_call_signature(layer)
 
     @classmethod
@@ -328,6 +329,7 @@ class LowRankLayer:
         del layer._lowrank_pending
         # Caches a subclass may have set while it held adapters.
         layer.__dict__.pop("_lowrank_factorization", None)
+        quantized.remove_layer_hook(layer)
         layer.__class__ = original
         _refresh_call_signature(layer)
 
@@ -434,6 +436,14 @@ class LowRankLayer:
             )
         self.check_spec(spec, path)
         if spec.rewrites_kernel and not restore:
+            if self.quantization_mode is not None:
+                raise ValueError(
+                    f"{where(path)}: init={spec.init!r} rewrites the kernel, "
+                    f"which is quantized ({self.quantization_mode!r}) and "
+                    "cannot be rewritten. Adapt the float model first, then "
+                    "`model.quantize(...)`: the residual kernel gets "
+                    "quantized."
+                )
             if self._lowrank.merged:
                 raise ValueError(
                     f"{where(path)}: init={spec.init!r} rewrites the kernel, "
@@ -447,13 +457,11 @@ class LowRankLayer:
                 for key, shape, trainable in self._variable_plan(spec, layout):
                     # float32 and never autocast: cast at use, and DoRA's
                     # ratio m/‖·‖ is formed in float32 under any policy.
-                    var = self.add_weight(
-                        name=f"lowrank_{key}_{name}",
-                        shape=shape,
-                        initializer="zeros",
-                        dtype="float32",
-                        trainable=trainable,
-                        autocast=False,
+                    # Created under a layout derived from the kernel's when a
+                    # keras.distribution is active (see `sharding`).
+                    var = sharding.create_adapter_variable(
+                        self, key, f"lowrank_{key}_{name}", shape, trainable,
+                        layout,
                     )
                     setattr(self, _var_attr(key, name), var)
                     created.append(key)
@@ -574,6 +582,9 @@ class LowRankLayer:
         Exact for any subset in any order: see the module docstring. A DoRA
         adapter keeps the norm it used in its `norm` variable while merged,
         which is what `unmerge` needs to take it out again.
+
+        A quantized kernel is refused: merging into it would be lossy and
+        could not be undone. `dequantize()` it first.
         """
         names = self._lowrank.active if names is None else list(names)
         for name in names:
@@ -583,6 +594,8 @@ class LowRankLayer:
                     f"{where(_path_of(self))}: adapter {name!r} is not active; "
                     "only active adapters can be merged (`set_adapter` it)."
                 )
+        if any(name not in self._lowrank.merged for name in names):
+            self.check_mergeable()
         kernel = self._kernel_variable()
         layout = self._layout()
         for name in list(names):
@@ -625,6 +638,29 @@ class LowRankLayer:
                 norm.assign(ops.zeros(norm.shape, "float32"))
             self._lowrank.merged.remove(name)
         self._refresh_trainable()
+
+    def check_mergeable(self):
+        """Raises if the kernel is quantized (see `merge`)."""
+        if self.quantization_mode is None:
+            return
+        raise ValueError(
+            f"{where(self.path)}: the kernel is quantized "
+            f"({self.quantization_mode!r}); merging adapters into it would be "
+            "lossy and could not be undone. Use "
+            "keras_lowrank.merge(model, quantized='dequantize') (float kernel,"
+            " exact) or keras_lowrank.unload(model, quantized='requantize') "
+            "(merged, then quantized again; the error is reported)."
+        )
+
+    def dequantize(self):
+        """Turns a quantized kernel into the float kernel it stands for, in
+        place (the layer stops being quantized; merging is then exact).
+
+        Returns:
+            `(mode, config)` to quantize the layer the same way again, or
+            `(None, None)` if it was not quantized.
+        """
+        return quantized.dequantize(self)
 
     def adapter_for_original_kernel(self, name):
         """Adapter `name` as options and values that apply to the original
@@ -683,6 +719,11 @@ class LowRankLayer:
 
     # --- Keras hooks --------------------------------------------------------
 
+    def quantized_call(self, *args, **kwargs):
+        # Keras calls this instead of `call` on a quantized layer; the base
+        # path inside `call` uses Keras's quantized matmul (see `quantized`).
+        return self.call(*args, **kwargs)
+
     def call(self, inputs, training=None):
         base = self._base_output(inputs)
         outputs = base
@@ -693,11 +734,58 @@ class LowRankLayer:
                 )
         return self._finish_output(outputs)
 
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Keras's rematerialisation (`keras.RematScope`), made to work with
+        `training` and with adapter dropout.
+
+        Keras rematerialises `layer_call(*args, **kwargs)` as a whole. Two
+        things break that for layers taking `training` (plain Keras layers
+        included): `jax.checkpoint` turns the Python `training` flag into a
+        traced value, and TensorFlow's `recompute_grad` refuses keyword
+        arguments in graph mode. And dropout drawn from a stateful seed inside
+        the rematerialised function either leaks a traced seed (JAX) or draws
+        a different mask when recomputed. So the keyword arguments are bound
+        outside, and each adapter's dropout seed is drawn outside and passed
+        in, so the recomputation replays the same mask.
+        """
+        keras_remat = super().rematerialized_call
+
+        def call(*call_args, **call_kwargs):
+            seeds = self._draw_dropout_seeds(call_kwargs.get("training"))
+
+            def rematerialized(*tensors):
+                drawn = tensors[len(call_args):]
+                self._lowrank.replay = dict(zip(seeds, drawn))
+                try:
+                    return layer_call(*tensors[: len(call_args)], **call_kwargs)
+                finally:
+                    self._lowrank.replay = {}
+
+            remat_fn = keras_remat(rematerialized, *call_args, **call_kwargs)
+            return remat_fn(*call_args, *seeds.values())
+
+        return call
+
+    def _draw_dropout_seeds(self, training):
+        if not training or self._lowrank.seed is None:
+            return {}
+        return {
+            name: self._lowrank.seed.next()
+            for name in self._lowrank.active
+            if name not in self._lowrank.merged
+            and self._lowrank.specs[name].dropout
+        }
+
+    def _dropout_seed(self, name):
+        if name in self._lowrank.replay:
+            return _ReplayedSeed(self._lowrank.replay[name])
+        return self._lowrank.seed
+
     def _add_adapter_output(self, outputs, base, inputs, name, training):
         spec = self._lowrank.specs[name]
         variables = self._variables_of(name)
         dropped = adapter_math.adapter_dropout(
-            inputs, spec.dropout, training, self._lowrank.seed
+            inputs, spec.dropout, training, self._dropout_seed(name)
         )
         b = variables["B"]
         if spec.method == "dora":
@@ -886,8 +974,12 @@ class LowRankLayer:
                 spec.scale,
                 seed=seed,
             )
-            values["A"] = values["A0"] = layout.a_from_matrix(a)
-            values["B"] = values["B0"] = layout.b_from_matrix(b)
+            # A0/B0 get their own buffers: on JAX, two variables holding
+            # the same array make `fit` fail ("donate the same buffer twice").
+            values["A"] = layout.a_from_matrix(a)
+            values["B"] = layout.b_from_matrix(b)
+            values["A0"] = ops.copy(values["A"])
+            values["B0"] = ops.copy(values["B"])
             values["kernel"] = layout.from_matrix(residual)
         else:
             values["A"], values["B"] = self._data_free_factors(
@@ -925,6 +1017,8 @@ class LowRankLayer:
             )
 
     def _float_kernel(self):
+        if self.quantization_mode is not None:
+            return quantized.dequantized_kernel(self)
         return self._kernel_variable()
 
     def _set_initial_magnitude(self, name, spec):
@@ -1065,6 +1159,20 @@ def _path_of(layer):
     """The layer's path (`None` until built or placed in a model), else its
     name: what error messages call the layer."""
     return getattr(layer, "path", None) or getattr(layer, "name", None)
+
+
+class _ReplayedSeed(keras.random.SeedGenerator):
+    """A dropout seed drawn before a rematerialised call, replayed inside it
+    (and again when the backward pass recomputes it)."""
+
+    def __init__(self, value):
+        # No state variable: this seed never advances. (`_initial_seed` set:
+        # the torch backend then draws from this seed, not its global RNG.)
+        self._value = value
+        self._initial_seed = 0
+
+    def next(self, ordered=True):
+        return self._value
 
 
 def _var_attr(key, name):

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
 
@@ -86,13 +87,16 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     @classmethod
     def kernel_layout(cls, layer):
-        return KernelLayout(layer._kernel.shape, (), (0,), (1,))
+        shape = quantized.logical_kernel_shape(layer, layer._kernel)
+        return KernelLayout(shape, (), (0,), (1,))
 
     @classmethod
     def kernel_variable(cls, layer):
         return layer._kernel
 
     def _base_output(self, inputs):
+        if self.quantization_mode is not None:
+            return quantized.base_output(self, inputs)
         return ops.matmul(inputs, self._kernel)
 
     def _finish_output(self, outputs):

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_lowrank import adapter_math
 from keras_lowrank.layers import einsum_factorization
+from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
 
 
@@ -90,13 +91,17 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     @classmethod
     def kernel_layout(cls, layer):
         factorization = einsum_factorization.factorize(layer.equation, layer.path)
-        return factorization.layout(layer._kernel.shape)
+        return factorization.layout(
+            quantized.logical_kernel_shape(layer, layer._kernel)
+        )
 
     @classmethod
     def kernel_variable(cls, layer):
         return layer._kernel
 
     def _base_output(self, inputs):
+        if self.quantization_mode is not None:
+            return quantized.base_output(self, inputs)
         return ops.einsum(self.equation, inputs, self._kernel)
 
     def _finish_output(self, outputs):

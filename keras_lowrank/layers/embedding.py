@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
 from keras_lowrank.spec import where
@@ -100,7 +101,8 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
 
     @classmethod
     def kernel_layout(cls, layer):
-        return KernelLayout(layer._embeddings.shape, (), (0,), (1,))
+        shape = quantized.logical_kernel_shape(layer, layer._embeddings)
+        return KernelLayout(shape, (), (0,), (1,))
 
     @classmethod
     def kernel_variable(cls, layer):
@@ -123,6 +125,8 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
         return inputs
 
     def _base_output(self, inputs):
+        if self.quantization_mode is not None:
+            return quantized.base_output(self, inputs)
         outputs = ops.take(self._embeddings, self._ids(inputs), axis=0)
         return ops.cast(outputs, self.compute_dtype)
 
