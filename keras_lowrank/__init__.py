@@ -30,3 +30,33 @@ from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.surgery import adapt
 from keras_lowrank.surgery import unload
 from keras_lowrank.version import __version__
+
+__all__ = [
+    "__version__",
+    "adapt",
+    "AdapterReport",
+    "AdapterSpec",
+    "Combination",
+    "combine",
+    "delete_adapter",
+    "disable_adapters",
+    "export_peft_adapter",
+    "load_adapter",
+    "load_model",
+    "load_peft_adapter",
+    "LoraPlusOptimizer",
+    "LowRankConv1D",
+    "LowRankConv2D",
+    "LowRankConv3D",
+    "LowRankDense",
+    "LowRankEinsumDense",
+    "LowRankEmbedding",
+    "LowRankLayer",
+    "merge",
+    "read_adapter_config",
+    "report",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge",
+]

@@ -38,7 +38,7 @@ def test_tiny_run_has_every_case_and_ratio(tiny_result):
     result, _ = tiny_result
     records = [r for r in result["records"] if r["role"] == "compare"]
     cases = {r["case"] for r in records}
-    assert cases == {"full", "floor", "builtin", "lowrank", "base",
+    assert cases == {"full", "floor", "builtin", "lowrank", "dora", "base",
                      "unmerged", "merged"}
     by_case = {r["case"]: r for r in records}
     lowrank, builtin = by_case["lowrank"], by_case["builtin"]
@@ -46,7 +46,13 @@ def test_tiny_run_has_every_case_and_ratio(tiny_result):
     # tiny model's Dense and EinsumDense layers.
     assert 0 < lowrank["trainable_params"] <= builtin["trainable_params"]
     assert by_case["floor"]["trainable_params"] < lowrank["trainable_params"]
-    assert set(lowrank["ratios"]["step_ms"]) == {"full", "builtin", "floor"}
+    assert set(lowrank["ratios"]["step_ms"]) == {"full", "builtin", "floor",
+                                                 "lowrank"}
+    # DoRA adds one trainable magnitude per output unit of each adapted layer
+    # and is judged against LoRA on the same targets and rank.
+    dora = by_case["dora"]
+    assert dora["trainable_params"] > lowrank["trainable_params"]
+    assert dora["ratios"]["step_ms"]["lowrank"] > 0
     assert by_case["merged"]["ratios"]["step_ms"]["base"] > 0
     opt = lowrank["figures"]["optimizer_state_mib"] * 2**20
     # Adam keeps two float32 slots per trainable weight.
@@ -67,3 +73,5 @@ def test_report_combines_records_without_keras(tiny_result):
     assert "keras_lowrank LoRA" in (out / "bench.md").read_text()
     checks = report.target_checks(result["records"])
     assert checks and all(len(c) == 4 for c in checks)
+    measured = {text: value for text, value, _, _ in checks}
+    assert measured["DoRA: step <= 1.20x LoRA (all linear)"] > 0

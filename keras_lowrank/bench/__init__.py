@@ -60,7 +60,8 @@ def build_plan(tiny=False, workloads=("compare", "rank", "width"), rank=8,
     if "compare" in workloads:
         entries = [entry("full"), entry("floor")]
         for targets in target_sets:
-            entries += [entry("builtin", targets, rank), entry("lowrank", targets, rank)]
+            entries += [entry("builtin", targets, rank), entry("lowrank", targets, rank),
+                        entry("dora", targets, rank)]
         entries.append(entry("base"))
         for targets in target_sets:
             entries += [entry("unmerged", targets, rank), entry("merged", targets, rank)]

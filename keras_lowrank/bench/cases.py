@@ -4,12 +4,8 @@ A case is data: a name, a label, whether it is a training or an inference
 case, whether it depends on the target set and rank, and a `prepare`
 function `prepare(model, workload, targets, rank, **options)` that adapts
 or freezes the model in place. Adding a variant is one `register(Case(...))`
-line, e.g. DoRA:
-
-    register(Case("dora", "keras_lowrank DoRA", "train",
-                  functools.partial(prepare_lowrank, method="dora")))
-
-`REFERENCES` names the cases every figure is divided by.
+line, as DoRA's below. `report.REFERENCES` names the cases every figure is
+divided by.
 """
 
 import dataclasses
@@ -139,13 +135,13 @@ def prepare_merged(model, workload, targets, rank, **options):
 register(Case("full", "full fine-tuning", "train", prepare_full, adapted=False))
 register(Case("builtin", "Keras enable_lora", "train", prepare_builtin))
 register(Case("lowrank", "keras_lowrank LoRA", "train", prepare_lowrank))
+register(Case("dora", "keras_lowrank DoRA", "train",
+              functools.partial(prepare_lowrank, method="dora"),
+              options={"method": "dora"}))
 register(Case("floor", "floor (LN only)", "train", prepare_floor, adapted=False))
 register(Case("base", "base model", "infer", prepare_base, adapted=False))
 register(Case("unmerged", "adapted, unmerged", "infer", prepare_unmerged))
 register(Case("merged", "adapted, merged", "infer", prepare_merged))
-
-# Every figure is also given as a ratio to these (training / inference).
-REFERENCES = {"train": ("full", "builtin", "floor"), "infer": ("base",)}
 
 
 def get(name):
