@@ -201,6 +201,23 @@ def test_dora_weight_norm_is_explicit_column_norm(batch):
     _close(am.dora_column_norm(w), np.linalg.norm(w.astype("float64"), axis=-2))
 
 
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("block_elements", [None, 5, 1, 10**9])
+def test_column_sq_norm_in_blocks_equals_sum_of_squares(batch, block_elements):
+    """Row blocks of 1, 2 and all rows (and a bfloat16 kernel) give the
+    closed form; the block size only bounds the temporary."""
+    rng = np.random.default_rng(17)
+    w = _rand(rng, *batch, 7, 5)
+    expected = np.sum(np.square(w.astype("float64")), axis=-2)
+    got = am.column_sq_norm(w, block_elements=block_elements)
+    assert keras.backend.standardize_dtype(got.dtype) == "float32"
+    assert tuple(got.shape) == batch + (5,)
+    _close(got, expected)
+    w16 = ops.cast(w, "bfloat16")
+    expected16 = np.sum(np.square(_np(ops.cast(w16, "float32")).astype("float64")), axis=-2)
+    _close(am.column_sq_norm(w16, block_elements=block_elements), expected16)
+
+
 def test_dora_combine_equals_rescaled_kernel():
     """Without dropout, DoRA's parts add up to x·(m/‖W+sAB‖)·(W+sAB)."""
     rng = np.random.default_rng(8)
@@ -458,6 +475,7 @@ TESTED = TESTED_ELSEWHERE | {
     "merge_kernel",
     "unmerge_kernel",
     "dora_weight_norm",
+    "column_sq_norm",
     "dora_column_norm",
     "dora_combine",
     "dora_merged_kernel",
