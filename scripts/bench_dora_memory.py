@@ -17,8 +17,9 @@ and `Aᵀ·A`, so no d×k temporary exists. This script measures, for one
 For each: the bytes the forward pass keeps for the backward pass (JAX: the
 loss VJP's residuals; torch: the tensors autograd saves; weights excluded,
 as in `bench_remat.py`), the peak resident memory of the training steps in
-a fresh process (`VmHWM` after a reset, like `keras-lowrank bench`) and the
-median `train_on_batch` step time. TensorFlow has no saved-tensor hook, so
+a fresh process per case (`VmHWM` after a reset, like `keras-lowrank
+bench`) and the median `train_on_batch` step time (the three cases built in
+one process and timed interleaved). TensorFlow has no saved-tensor hook, so
 it reports RSS and time only.
 """
 
@@ -119,10 +120,17 @@ def _peak_rss():
     return None
 
 
-def measure(case, dim, tokens, steps):
+def _data(dim, tokens):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((tokens, dim)).astype("float32")
     y = rng.standard_normal((tokens, dim)).astype("float32")
+    return x, y
+
+
+def measure_memory(case, dim, tokens):
+    """Peak RSS of one training step and the bytes kept for backward, for
+    one case alone in this (fresh) process."""
+    x, y = _data(dim, tokens)
     model = build(case, dim)
     for _ in range(2):  # compile / warm up
         model.train_on_batch(x, y)
@@ -130,21 +138,29 @@ def measure(case, dim, tokens, steps):
     if _reset_peak():
         model.train_on_batch(x, y)
         peak = _peak_rss()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {
-        "case": case,
-        "saved_bytes": saved_bytes(model, x, y),
-        "peak_rss_bytes": peak,
-        "step_ms": statistics.median(times),
-    }
+    return {"case": case, "saved_bytes": saved_bytes(model, x, y),
+            "peak_rss_bytes": peak}
 
 
-def run(backend, case, dim, tokens, steps):
-    command = [sys.executable, os.path.abspath(__file__), "--child", case,
+def measure_times(dim, tokens, rounds):
+    """Median step time of every case, built in one process and run
+    interleaved (a slow moment hits every case alike)."""
+    x, y = _data(dim, tokens)
+    models = {case: build(case, dim) for case in CASES}
+    for model in models.values():
+        for _ in range(2):
+            model.train_on_batch(x, y)
+    times = {case: [] for case in CASES}
+    for _ in range(rounds):
+        for case, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[case].append((time.perf_counter() - start) * 1e3)
+    return {case: statistics.median(t) for case, t in times.items()}
+
+
+def run(backend, child, dim, tokens, steps):
+    command = [sys.executable, os.path.abspath(__file__), "--child", child,
                "--dim", str(dim), "--tokens", str(tokens),
                "--steps", str(steps)]
     env = dict(os.environ, KERAS_BACKEND=backend)
@@ -160,11 +176,16 @@ def main(argv=None):
                         default=["jax", "torch", "tensorflow"])
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20,
+                        help="interleaved timing rounds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child == "times":
+        row = measure_times(args.dim, args.tokens, args.steps)
+        print("ROW " + json.dumps(row), flush=True)
+        return
     if args.child:
-        row = measure(args.child, args.dim, args.tokens, args.steps)
+        row = measure_memory(args.child, args.dim, args.tokens)
         print("ROW " + json.dumps(row), flush=True)
         return
     mib = 2**20
@@ -178,8 +199,10 @@ def main(argv=None):
     for backend in args.backends:
         rows = [run(backend, case, args.dim, args.tokens, args.steps)
                 for case in CASES]
-        lora_ms = rows[0]["step_ms"]
+        times = run(backend, "times", args.dim, args.tokens, args.steps)
+        lora_ms = times["lora"]
         for row in rows:
+            row["step_ms"] = times[row["case"]]
             kept = ("–" if row["saved_bytes"] is None
                     else f"{row['saved_bytes'] / mib:.2f} MiB")
             peak = ("–" if row["peak_rss_bytes"] is None

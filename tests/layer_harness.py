@@ -667,7 +667,10 @@ def check_dropout(case, construction):
     reference = plain_with_kernel(case, layer, merged_kernel(case, layer))
     inference = to_numpy(model(x, training=False))
     assert_close(inference, reference(x), rtol=1e-5)
-    np.testing.assert_array_equal(to_numpy(model(x)), inference)
+    # Default `training` is inference (no dropout): the side path, where
+    # `training=False` may fold the adapter into the kernel; the same values
+    # up to rounding, far from a 50% dropout.
+    assert_close(to_numpy(model(x)), inference, rtol=1e-5)
     training = to_numpy(model(x, training=True))
     assert not np.allclose(training, inference, atol=1e-4)
     # With B = 0 the adapter adds nothing, dropped or not: the base path has

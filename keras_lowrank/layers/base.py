@@ -37,6 +37,7 @@ end); every formula comes from `keras_lowrank.adapter_math`.
 
 import contextlib
 import inspect
+import math
 
 import keras
 from keras import ops
@@ -724,7 +725,19 @@ class LowRankLayer:
         # path inside `call` uses Keras's quantized matmul (see `quantized`).
         return self.call(*args, **kwargs)
 
+    # Whether `call` may add LoRA adapters to the kernel in inference (see
+    # `_folds_for_inference`); layers that implement `_kernel_output` say so.
+    _folds_in_inference = False
+
     def call(self, inputs, training=None):
+        pending = [
+            name for name in self._lowrank.active if name not in self._lowrank.merged
+        ]
+        if pending and self._folds_for_inference(inputs, pending, training):
+            kernel = ops.cast(self._kernel_variable(), "float32")
+            for name in pending:
+                kernel = ops.add(kernel, self.delta(name))
+            return self._finish_output(self._kernel_output(inputs, kernel))
         base = self._base_output(inputs)
         outputs = base
         for name in self._lowrank.active:
@@ -733,6 +746,33 @@ class LowRankLayer:
                     outputs, base, inputs, name, training
                 )
         return self._finish_output(outputs)
+
+    def _folds_for_inference(self, inputs, pending, training):
+        """Whether this inference call computes `x·(W + ΣΔW)` instead of
+        `x·W + Σ s·(x·A)·B`.
+
+        Both are exact; they differ in memory traffic. The side path adds an
+        `N×k` output to another and runs two thin products; folding adds one
+        `d×k` matrix to the kernel. With `N ≥ d` input rows folding moves
+        less memory: on MiniLM (N = 1024, d = 384) under PyTorch the side
+        path made unmerged inference 1.27x the base model's. Only where no
+        gradient is wanted (`training=False`, as `predict` passes; training
+        never forms `W + ΔW`), for plain LoRA adapters on a float32 compute
+        dtype (a bfloat16 `W + ΔW` would round small updates away) and an
+        unquantized kernel, and with the input shape known.
+        """
+        if training is not False or not self._folds_in_inference:
+            return False
+        if self.quantization_mode is not None or self.compute_dtype != "float32":
+            return False
+        if any(self._lowrank.specs[name].method != "lora" for name in pending):
+            return False
+        shape = tuple(inputs.shape)
+        if any(n is None for n in shape):
+            return False
+        layout = self._layout()
+        rows = math.prod(shape) // max(1, layout.d * math.prod(layout.batch_shape))
+        return rows >= layout.d
 
     def rematerialized_call(self, layer_call, *args, **kwargs):
         """Keras's rematerialisation (`keras.RematScope`), made to work with
@@ -1140,6 +1180,11 @@ class LowRankLayer:
 
     def _finish_output(self, outputs):
         """Adds the bias and applies the activation."""
+        raise NotImplementedError
+
+    def _kernel_output(self, inputs, kernel):
+        """`x·kernel` for a float32 `kernel` in the layer's layout (layers
+        with `_folds_in_inference`)."""
         raise NotImplementedError
 
     def _contract_a(self, x, a):

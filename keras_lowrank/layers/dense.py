@@ -81,6 +81,8 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
             merged_adapters,
         )
 
+    _folds_in_inference = True
+
     def build(self, input_shape):
         super().build(input_shape)
         self._build_adapters()
@@ -98,6 +100,9 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
         if self.quantization_mode is not None:
             return quantized.base_output(self, inputs)
         return ops.matmul(inputs, self._kernel)
+
+    def _kernel_output(self, inputs, kernel):
+        return ops.matmul(inputs, kernel)
 
     def _finish_output(self, outputs):
         if self.bias is not None:

@@ -75,6 +75,8 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
             merged_adapters,
         )
 
+    _folds_in_inference = True
+
     def build(self, input_shape):
         super().build(input_shape)
         self._build_adapters()
@@ -103,6 +105,9 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
         if self.quantization_mode is not None:
             return quantized.base_output(self, inputs)
         return ops.einsum(self.equation, inputs, self._kernel)
+
+    def _kernel_output(self, inputs, kernel):
+        return ops.einsum(self.equation, inputs, kernel)
 
     def _finish_output(self, outputs):
         if self.bias is not None:
