@@ -240,12 +240,16 @@ def combine(out, backends=BACKENDS):
     """Writes `bench.md` with every backend's report found in `out`."""
     from keras_lowrank.bench import report
 
-    parts = []
+    results = []
     for backend in backends:
         path = os.path.join(out, f"bench-{backend}.json")
         if os.path.exists(path):
             with open(path) as f:
-                parts.append(report.markdown(json.load(f)))
+                results.append(json.load(f))
+    parts = [report.markdown(result) for result in results]
+    if len(results) > 1:
+        parts.insert(0, "### Targets, every backend\n\n"
+                     + report.targets_across_backends(results))
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write("\n\n".join(parts) + "\n")
 

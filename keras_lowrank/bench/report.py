@@ -37,7 +37,6 @@ TARGETS = [
     ("merged inference = base within noise (all linear)", "merged", "all_linear", "base", "step_ms", 1.05),
     ("DoRA: step <= 1.20x LoRA (all linear)", "dora", "all_linear", "lowrank", "step_ms", 1.20),
     ("DoRA: step <= 1.20x LoRA (query/value)", "dora", "qv", "lowrank", "step_ms", 1.20),
-    ("DoRA: peak RSS <= 1.05x LoRA (all linear)", "dora", "all_linear", "lowrank", "peak_rss_mib", 1.05),
 ]
 
 
@@ -194,6 +193,24 @@ def target_checks(records):
             value = found[0]["ratios"].get(key, {}).get(reference)
         checks.append((text, value, bound, value is not None and value <= bound))
     return checks
+
+
+def targets_across_backends(results):
+    """One Markdown table of `TARGETS`, a column per backend's result:
+    `ratio ✓` where met, `ratio ✗` where missed, `–` where not measured."""
+    backends = [result["meta"]["backend"] for result in results]
+    columns = [target_checks(add_ratios(result["records"])) for result in results]
+    lines = [
+        "| target | " + " | ".join(backends) + " |",
+        "|" + " --- |" * (1 + len(backends)),
+    ]
+    for row, (text, *_rest) in enumerate(TARGETS):
+        cells = []
+        for checks in columns:
+            _, value, _, met = checks[row]
+            cells.append("–" if value is None else f"{value:.2f}x {'✓' if met else '✗'}")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result):

@@ -1,0 +1,50 @@
+"""A/B: unmerged inference with and without folding LoRA into the kernel.
+
+    KERAS_BACKEND=torch python scripts/bench_inference_fold.py [rounds]
+
+Builds three MiniLM classifiers (`keras-lowrank bench`'s workload, batch
+8 x 128): the base model, and two copies adapted on every linear layer at
+r = 8 with non-zero `B`: one as shipped (an inference call computes
+`x·(W + s·A·B)` when the batch has at least `d` rows), one with that fold
+switched off per layer (`_folds_in_inference = False`: the side path
+`x·W + s·(x·A)·B`). `predict_on_batch` runs interleaved; prints medians and
+ratios to the base model.
+"""
+
+import statistics
+import sys
+import time
+
+import keras
+
+from keras_lowrank.bench import cases
+from keras_lowrank.bench import workloads as wl
+from keras_lowrank.layers.base import LowRankLayer
+
+spec = wl.minilm_spec(8, 128)
+workload = wl.make_workload(spec)
+models = {"base": workload.build()}
+for name in ("fold", "side"):
+    m = workload.build()
+    cases.get("unmerged").prepare(m, workload, "all_linear", 8)
+    models[name] = m
+for layer in models["side"]._flatten_layers():
+    if isinstance(layer, LowRankLayer):
+        layer._folds_in_inference = False
+x = workload.batch()[0]
+
+
+def run(model):
+    start = time.perf_counter()
+    model.predict_on_batch(x)
+    return (time.perf_counter() - start) * 1e3
+
+
+for m in models.values():
+    run(m); run(m)
+times = {k: [] for k in models}
+for r in range(int(sys.argv[1]) if len(sys.argv) > 1 else 10):
+    for k, m in models.items():
+        times[k].append(run(m))
+b = statistics.median(times["base"])
+print(keras.backend.backend(), {k: f"{statistics.median(v):.1f} ms ({statistics.median(v)/b:.2f}x)" for k, v in times.items()}, flush=True)
