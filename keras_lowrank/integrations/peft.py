@@ -309,6 +309,21 @@ def _refuse_unknown(target, config, unknown, verb):
     )
 
 
+def _linear_adapter_class(layer, key, path, verb):
+    """The adapter class of `layer`; PEFT LoRA maps onto Dense and
+    EinsumDense only, anything else is refused."""
+    cls = adapter_class_for(layer)
+    if cls is None or not issubclass(
+        cls, (keras.layers.Dense, keras.layers.EinsumDense)
+    ):
+        fail(
+            f"{verb}: module '{key}' maps to Keras layer '{path}' "
+            f"({type(layer).__name__}), which is not a Dense or EinsumDense "
+            "layer."
+        )
+    return cls
+
+
 def _plan_lora(target, config, key, path, layer, kind, parts, verb):
     if kind != "linear":
         fail(
@@ -351,15 +366,7 @@ def _plan_lora(target, config, key, path, layer, kind, parts, verb):
             )
             + "; the file and its config disagree."
         )
-    cls = adapter_class_for(layer)
-    if cls is None or not issubclass(
-        cls, (keras.layers.Dense, keras.layers.EinsumDense)
-    ):
-        fail(
-            f"{verb}: module '{key}' maps to Keras layer '{path}' "
-            f"({type(layer).__name__}), which is not a Dense or EinsumDense "
-            "layer."
-        )
+    cls = _linear_adapter_class(layer, key, path, verb)
     cls.check_convertible(layer, path)
     layout = cls.kernel_layout(layer)
     if layout.batch_shape:
@@ -439,15 +446,7 @@ def _plan_plain(key, path, layer, kind, parts, verb):
                 )
             out.append(_assign(variable, value, f"{key}.{what}", path, verb))
         return out
-    cls = adapter_class_for(layer)
-    if cls is None or not issubclass(
-        cls, (keras.layers.Dense, keras.layers.EinsumDense)
-    ):
-        fail(
-            f"{verb}: module '{key}' maps to Keras layer '{path}' "
-            f"({type(layer).__name__}), which is not a Dense or EinsumDense "
-            "layer."
-        )
+    cls = _linear_adapter_class(layer, key, path, verb)
     layout = cls.kernel_layout(layer)
     for what in sorted(parts, key=("weight", "bias").index):
         value = parts[what]

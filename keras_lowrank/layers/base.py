@@ -835,16 +835,7 @@ class LowRankLayer:
                 variables["magnitude"], layout.units_from_matrix(norm)
             )
             b = adapter_math.dora_scaled_b(b, ratio, len(layout.batch_shape))
-        lowrank = adapter_math.lowrank_contribution(
-            dropped,
-            variables["A"],
-            b,
-            spec.scale,
-            contract_a=self._contract_a,
-            contract_b=self._contract_b,
-            dtype=self.compute_dtype,
-        )
-        lowrank = ops.cast(lowrank, outputs.dtype)
+        lowrank = self._side_output(dropped, variables["A"], b, spec, outputs.dtype)
         if spec.method == "lora":
             return ops.add(outputs, lowrank)
         # Without dropout x_d·W is the x·W already computed: no second matmul.
@@ -858,6 +849,19 @@ class LowRankLayer:
             self._units_to_output(ratio, len(outputs.shape)),
         )
 
+    def _side_output(self, x, a, b, spec, dtype):
+        """`s·(x·A)·B` through this layer's contractions, cast to `dtype`."""
+        part = adapter_math.lowrank_contribution(
+            x,
+            a,
+            b,
+            spec.scale,
+            contract_a=self._contract_a,
+            contract_b=self._contract_b,
+            dtype=self.compute_dtype,
+        )
+        return ops.cast(part, dtype)
+
     def _unmerged_base_output(self, x, y):
         """`x·W0` from `y = x·W`, W holding merged adapters, in low rank.
 
@@ -870,16 +874,7 @@ class LowRankLayer:
         for name in self._lowrank.merged:
             spec = self._lowrank.specs[name]
             variables = self._variables_of(name)
-            part = adapter_math.lowrank_contribution(
-                x,
-                variables["A"],
-                variables["B"],
-                spec.scale,
-                contract_a=self._contract_a,
-                contract_b=self._contract_b,
-                dtype=self.compute_dtype,
-            )
-            part = ops.cast(part, y.dtype)
+            part = self._side_output(x, variables["A"], variables["B"], spec, y.dtype)
             if spec.method == "dora":
                 c = ops.cast(
                     self._units_to_output(
