@@ -755,9 +755,9 @@ class LowRankLayer:
         `N×k` output to another and runs two thin products; folding adds one
         `d×k` matrix to the kernel. With `N ≥ d` input rows folding moves
         less memory: on MiniLM (N = 1024, d = 384) under PyTorch the side
-        path made unmerged inference 1.27x the base model's. Only where no
-        gradient is wanted (`training=False`, as `predict` passes; training
-        never forms `W + ΔW`), for plain LoRA adapters on a float32 compute
+        path made unmerged inference 1.27x the base model's. Only for
+        `training=False` (as `predict` passes; `fit` passes `training=True`,
+        and training never forms `W + ΔW`), for plain LoRA adapters on a float32 compute
         dtype (a bfloat16 `W + ΔW` would round small updates away) and an
         unquantized kernel, and with the input shape known.
         """
