@@ -757,9 +757,9 @@ class LowRankLayer:
         less memory: on MiniLM (N = 1024, d = 384) under PyTorch the side
         path made unmerged inference 1.27x the base model's. Only for
         `training=False` (as `predict` passes; `fit` passes `training=True`,
-        and training never forms `W + ΔW`), for plain LoRA adapters on a float32 compute
-        dtype (a bfloat16 `W + ΔW` would round small updates away) and an
-        unquantized kernel, and with the input shape known.
+        and training never forms `W + ΔW`), for plain LoRA adapters on a
+        float32 compute dtype (a bfloat16 `W + ΔW` would round small updates
+        away) and an unquantized kernel, and with the input shape known.
         """
         if training is not False or not self._folds_in_inference:
             return False
