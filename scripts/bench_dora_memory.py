@@ -28,7 +28,6 @@ import ctypes
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,10 @@ import keras
 import numpy as np
 
 import keras_lowrank
+
+# The sibling script's child-process runner and saved-tensor counters.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_remat  # noqa: E402
 
 RANK = 8
 CASES = ("lora", "dora", "dora_forming_w")
@@ -94,9 +97,6 @@ def saved_bytes(model, x, y):
     backend = keras.backend.backend()
     if backend not in ("jax", "torch"):
         return None
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_remat
-
     if backend == "jax":
         return bench_remat._jax_saved_bytes(model, x, y)
     return bench_remat._torch_saved_bytes(model, x, y)
@@ -160,14 +160,10 @@ def measure_times(dim, tokens, rounds):
 
 
 def run(backend, child, dim, tokens, steps):
-    command = [sys.executable, os.path.abspath(__file__), "--child", child,
-               "--dim", str(dim), "--tokens", str(tokens),
-               "--steps", str(steps)]
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    out = subprocess.run(command, env=env, capture_output=True, text=True,
-                         check=True).stdout
-    line = [x for x in out.splitlines() if x.startswith("ROW ")][-1]
-    return json.loads(line[4:])
+    return bench_remat.run_child(
+        __file__, backend,
+        [child, "--dim", str(dim), "--tokens", str(tokens), "--steps", str(steps)],
+    )
 
 
 def main(argv=None):

@@ -164,17 +164,24 @@ def _torch_saved_bytes(model, x, y):
     return sum(saved.values())
 
 
-def run(backend, remat, seq, batch, quick):
-    """One row, measured in a fresh process on `backend`."""
-    command = [sys.executable, os.path.abspath(__file__), "--child",
-               remat or "none", "--seq", str(seq), "--batch", str(batch)]
-    if quick:
-        command.append("--quick")
+def run_child(script, backend, args):
+    """Runs `script --child ...args` in a fresh process on `backend` and
+    returns the JSON it printed after "ROW " (the benchmark scripts measure
+    each row in its own process)."""
+    command = [sys.executable, os.path.abspath(script), "--child", *args]
     env = dict(os.environ, KERAS_BACKEND=backend)
     out = subprocess.run(command, env=env, capture_output=True, text=True,
                          check=True).stdout
     line = [x for x in out.splitlines() if x.startswith("ROW ")][-1]
     return json.loads(line[4:])
+
+
+def run(backend, remat, seq, batch, quick):
+    """One row, measured in a fresh process on `backend`."""
+    args = [remat or "none", "--seq", str(seq), "--batch", str(batch)]
+    if quick:
+        args.append("--quick")
+    return run_child(__file__, backend, args)
 
 
 def main(argv=None):

@@ -740,11 +740,8 @@ class LowRankLayer:
             return self._finish_output(self._kernel_output(inputs, kernel))
         base = self._base_output(inputs)
         outputs = base
-        for name in self._lowrank.active:
-            if name not in self._lowrank.merged:
-                outputs = self._add_adapter_output(
-                    outputs, base, inputs, name, training
-                )
+        for name in pending:
+            outputs = self._add_adapter_output(outputs, base, inputs, name, training)
         return self._finish_output(outputs)
 
     def _folds_for_inference(self, inputs, pending, training):
