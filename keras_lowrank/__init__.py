@@ -3,9 +3,9 @@
 See README.md for a quick start and docs/ for the guides.
 """
 
-from keras_lowrank.adapter_files import load_adapter
-from keras_lowrank.adapter_files import read_adapter_config
-from keras_lowrank.adapter_files import save_adapter
+from keras_lowrank.io.adapter_files import load_adapter
+from keras_lowrank.io.adapter_files import read_adapter_config
+from keras_lowrank.io.adapter_files import save_adapter
 from keras_lowrank.combine import Combination
 from keras_lowrank.combine import combine
 from keras_lowrank.integrations.peft import export_peft_adapter
@@ -23,12 +23,12 @@ from keras_lowrank.lifecycle import merge
 from keras_lowrank.lifecycle import set_adapter
 from keras_lowrank.lifecycle import unmerge
 from keras_lowrank.loraplus import LoraPlusOptimizer
-from keras_lowrank.model_state import load_model
+from keras_lowrank.state.model_state import load_model
 from keras_lowrank.report import AdapterReport
 from keras_lowrank.report import report
 from keras_lowrank.spec import AdapterSpec
-from keras_lowrank.surgery import adapt
-from keras_lowrank.surgery import unload
+from keras_lowrank.surgery.adapt import adapt
+from keras_lowrank.surgery.adapt import unload
 from keras_lowrank.version import __version__
 
 __all__ = [

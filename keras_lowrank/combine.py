@@ -30,9 +30,9 @@ import numbers
 from keras import ops
 
 from keras_lowrank import adapter_math
-from keras_lowrank import owned
-from keras_lowrank.model_state import adapted_visits
-from keras_lowrank.model_state import state_of
+from keras_lowrank.state import owned
+from keras_lowrank.state.model_state import adapted_visits
+from keras_lowrank.state.model_state import state_of
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 
@@ -214,8 +214,8 @@ def combine(model, names, weights, name, how="linear", rank=None):
         key: owned.value_of(model, state, names[0], key)
         for key in first.get("owned", [])
     }
-    from keras_lowrank.surgery import _check_plan
-    from keras_lowrank.surgery import install
+    from keras_lowrank.surgery.adapt import _check_plan
+    from keras_lowrank.surgery.adapt import install
 
     _check_plan(model, plan, name)
     install(model, name, plan, record, factors=factors, owned_values=values)

@@ -4,21 +4,21 @@ delete.
 Every function acts on the whole model and is all-or-nothing: it checks every
 layer before changing any. Each one leaves the model ready for the next
 `fit`/`predict`: the compiled functions are dropped (Keras re-traces them),
-values adapters own (heads, biases) are swapped (see `keras_lowrank.owned`),
+values adapters own (heads, biases) are swapped (see `keras_lowrank.state.owned`),
 and when the set of trainable variables changed, a compiled model gets a
 fresh optimizer of the same configuration (see
-`keras_lowrank.freezing.refresh_optimizer`).
+`keras_lowrank.surgery.freezing.refresh_optimizer`).
 """
 
 import contextlib
 import gc
 
-from keras_lowrank import freezing
-from keras_lowrank import owned
+from keras_lowrank.surgery import freezing
+from keras_lowrank.state import owned
 from keras_lowrank.layers import quantized as quantization
-from keras_lowrank.model_state import adapted_layers
-from keras_lowrank.model_state import state_of
-from keras_lowrank.model_state import unmark_adapted
+from keras_lowrank.state.model_state import adapted_layers
+from keras_lowrank.state.model_state import state_of
+from keras_lowrank.state.model_state import unmark_adapted
 
 
 def merge(model, quantized="error"):
@@ -114,7 +114,7 @@ def set_adapter(model, names):
     """
     state = state_of(model)
     names = _check_names(model, state, names)
-    from keras_lowrank.surgery import _check_activatable
+    from keras_lowrank.surgery.adapt import _check_activatable
 
     _check_activatable(model, names)
     conflict = owned.conflicts(state, names)
@@ -240,7 +240,7 @@ def delete_adapter(model, name):
     del state.options[name]
     owned.remove_owner(state, name)
     if not state.options:
-        from keras_lowrank.surgery import restore_plain_trainability
+        from keras_lowrank.surgery.adapt import restore_plain_trainability
 
         unmark_adapted(model)
         del model._keras_lowrank

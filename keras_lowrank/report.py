@@ -3,8 +3,8 @@
 import dataclasses
 import math
 
-from keras_lowrank.model_state import adapted_visits
-from keras_lowrank.model_state import state_of
+from keras_lowrank.state.model_state import adapted_visits
+from keras_lowrank.state.model_state import state_of
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,7 +169,7 @@ def unload_change(mode, quantized, rank=8, seed=0):
     x = rng.normal(size=(4, 16, 64)).astype("float32")
     keras_lowrank.adapt(model, rank=rank, targets=["up_*", "down_*"])
     _quantize(model, mode)
-    for layer in keras_lowrank.model_state.adapted_layers(model):
+    for layer in keras_lowrank.state.model_state.adapted_layers(model):
         for var in layer.adapter_variables("default").values():
             var.assign(rng.normal(size=var.shape).astype("float32") * 0.1)
     before = keras.ops.convert_to_numpy(model(x))

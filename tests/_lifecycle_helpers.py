@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import walk
 
 
 def mlp(widths=(16, 16), name="mlp", inputs=8, outputs=2):

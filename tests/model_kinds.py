@@ -257,7 +257,7 @@ def outputs(model, inputs):
 
 def randomize_adapters(model, seed=0, scale=0.3):
     """Non-zero B factors (and perturbed A), so adapters change outputs."""
-    from keras_lowrank.model_state import adapted_layers
+    from keras_lowrank.state.model_state import adapted_layers
 
     rng = np.random.default_rng(seed)
     for layer in adapted_layers(model):
@@ -272,7 +272,7 @@ def randomize_adapters(model, seed=0, scale=0.3):
 def fingerprint(model):
     """Everything a failed operation must leave untouched: classes, weight
     paths, values and trainable flags, layer trainable flags."""
-    from keras_lowrank.walk import walk
+    from keras_lowrank.surgery.walk import walk
 
     return {
         "model_class": type(model),

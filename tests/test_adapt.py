@@ -20,7 +20,7 @@ import pytest
 import keras_lowrank
 import model_kinds
 from keras_lowrank.layers import LowRankLayer
-from keras_lowrank.model_state import adapted_layers
+from keras_lowrank.state.model_state import adapted_layers
 from model_kinds import KINDS
 from model_kinds import fingerprint
 
@@ -101,7 +101,7 @@ def test_unload_returns_plain_layers_with_equal_outputs(kind):
     keras_lowrank.unload(model)
     assert not adapted_layers(model)
     assert type(model).__module__.split(".")[0] != "keras_lowrank"
-    assert not isinstance(model, keras_lowrank.model_state.AdaptedModel)
+    assert not isinstance(model, keras_lowrank.state.model_state.AdaptedModel)
     np.testing.assert_allclose(model_kinds.outputs(model, x), adapted, atol=1e-5)
     assert all(w.trainable for w in model.trainable_weights)
     assert len(model.trainable_weights) == len(model.weights) - len(
@@ -145,7 +145,7 @@ def test_bad_arguments_raise_and_leave_model_unchanged(kind, case):
     model = kind.build()
     if case == "unsupported layer" and not any(
         isinstance(v.layer, keras.layers.LayerNormalization)
-        for v in keras_lowrank.walk.walk(model)
+        for v in keras_lowrank.surgery.walk.walk(model)
     ):
         pytest.skip("this model kind has no LayerNormalization")
     before = fingerprint(model)
@@ -181,7 +181,7 @@ def test_failure_half_way_rolls_back_everything(kind, monkeypatch):
         keras_lowrank.adapt(model, rank=2, name="second", targets="all-linear")
     assert fingerprint(model) == before
     monkeypatch.undo()
-    assert keras_lowrank.model_state.state_of(model).active == ["first"]
+    assert keras_lowrank.state.model_state.state_of(model).active == ["first"]
 
 
 def test_unbuilt_model_is_refused():

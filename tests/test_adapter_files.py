@@ -22,7 +22,7 @@ from _lifecycle_helpers import tiny_bert
 from _lifecycle_helpers import to_np
 
 import keras_lowrank as kl
-from keras_lowrank import adapter_files
+from keras_lowrank.io import adapter_files
 
 X = np.random.default_rng(1).normal(size=(5, 8)).astype("float32")
 

@@ -31,7 +31,7 @@ keras_hub = pytest.importorskip("keras_hub")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import keras_lowrank  # noqa: E402
-from keras_lowrank.walk import find_layer  # noqa: E402
+from keras_lowrank.surgery.walk import find_layer  # noqa: E402
 
 TOLERANCE = 1e-4
 ATTENTION_AND_MLP = ["query", "key", "value", "dense"]
@@ -94,7 +94,7 @@ def perturb_keras(model, name, seed, scale=0.05):
 
 
 def _adapted(model):
-    from keras_lowrank.model_state import adapted_layers
+    from keras_lowrank.state.model_state import adapted_layers
 
     return adapted_layers(model)
 

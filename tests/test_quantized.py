@@ -215,7 +215,7 @@ def test_keras_file_keeps_quantized_kernel_and_factors_bit_for_bit(
         model.compile(keras.optimizers.Adam(0.01), "mse")
         model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     rng = np.random.default_rng(2)
-    for layer in keras_lowrank.model_state.adapted_layers(model):
+    for layer in keras_lowrank.state.model_state.adapted_layers(model):
         b = layer.lowrank_B_default
         b.assign(rng.normal(size=b.shape).astype("float32"))
     path = os.path.join(tmp_path, "q.keras")
@@ -227,7 +227,7 @@ def test_keras_file_keeps_quantized_kernel_and_factors_bit_for_bit(
     for key, value in saved.items():
         assert again[key].dtype == value.dtype, key
         np.testing.assert_array_equal(again[key], value, err_msg=key)
-    layers = keras_lowrank.model_state.adapted_layers(loaded)
+    layers = keras_lowrank.state.model_state.adapted_layers(loaded)
     assert len(layers) == len(targets) if kind == "keras_hub" else 2
     assert all(layer.quantization_mode == mode for layer in layers)
     assert sorted(w.name for w in loaded.trainable_weights) == sorted(

@@ -53,7 +53,7 @@ def head_layers(model):
     hub = _keras_hub()
     if hub is None or not isinstance(model, hub.models.Task):
         return []
-    from keras_lowrank.walk import walk
+    from keras_lowrank.surgery.walk import walk
 
     inside = {id(layer) for layer in _layers_under(model.backbone)}
     preprocessor = getattr(model, "preprocessor", None)
@@ -68,6 +68,6 @@ def head_layers(model):
 
 
 def _layers_under(layer):
-    from keras_lowrank.walk import walk
+    from keras_lowrank.surgery.walk import walk
 
     return [layer] + [visit.layer for visit in walk(layer)]

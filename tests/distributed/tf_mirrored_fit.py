@@ -43,7 +43,7 @@ def build():
     for w in model.weights:
         w.assign(0.3 * rng.normal(size=w.shape).astype("float32"))
     keras_lowrank.adapt(model, rank=4, targets=["wide", "heads"])
-    for layer in keras_lowrank.model_state.adapted_layers(model):
+    for layer in keras_lowrank.state.model_state.adapted_layers(model):
         for var in layer.adapter_variables("default").values():
             var.assign(0.2 * rng.normal(size=var.shape).astype("float32"))
     model.compile(keras.optimizers.SGD(0.05), "mse")

@@ -26,7 +26,7 @@ import keras
 
 from keras_lowrank.integrations import keras_hub as hub_integration
 from keras_lowrank.layers import adapter_class_for
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import walk
 
 PRESETS = ("attention", "mlp", "all-linear")
 LINEAR_CLASSES = (keras.layers.Dense, keras.layers.EinsumDense)

@@ -37,14 +37,14 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_lowrank import owned
+from keras_lowrank.state import owned
 from keras_lowrank.layers import adapter_class_for
-from keras_lowrank.model_state import adapted_visits
-from keras_lowrank.model_state import state_of
+from keras_lowrank.state.model_state import adapted_visits
+from keras_lowrank.state.model_state import state_of
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.version import __version__
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import walk
 
 FORMAT = "keras_lowrank.adapter"
 FORMAT_VERSION = 1
@@ -220,9 +220,9 @@ def load_adapter(model, path, name=None):
     if state is not None and name in state.options:
         _replace_values(model, state, name, plan, factors, values, config, file)
         return model
-    from keras_lowrank.surgery import _check_kept_paths
-    from keras_lowrank.surgery import _check_plan
-    from keras_lowrank.surgery import install
+    from keras_lowrank.surgery.adapt import _check_kept_paths
+    from keras_lowrank.surgery.adapt import _check_plan
+    from keras_lowrank.surgery.adapt import install
 
     _check_plan(model, plan, name)
     _check_kept_paths(model, kept, plan)

@@ -19,11 +19,11 @@ import warnings
 import keras
 
 from keras_lowrank.layers import LowRankLayer
-from keras_lowrank.model_state import state_of
-from keras_lowrank.walk import own_weights
-from keras_lowrank.walk import sublayers
-from keras_lowrank.walk import bias_weights
-from keras_lowrank.walk import walk
+from keras_lowrank.state.model_state import state_of
+from keras_lowrank.surgery.walk import own_weights
+from keras_lowrank.surgery.walk import sublayers
+from keras_lowrank.surgery.walk import bias_weights
+from keras_lowrank.surgery.walk import walk
 
 
 def apply(model):

@@ -24,14 +24,14 @@ import urllib.parse
 import keras
 import numpy as np
 
-from keras_lowrank import owned
+from keras_lowrank.state import owned
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.layers import quantized
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.version import __version__
-from keras_lowrank.walk import find_layer
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import find_layer
+from keras_lowrank.surgery.walk import walk
 
 MANIFEST_FORMAT = 1
 REGISTERED_NAME = "keras_lowrank>AdaptedModel"
@@ -46,7 +46,7 @@ class ModelState:
             with (rank, alpha, targets as given, bias policy, ...), plus the
             resolved `"layers"` it adapts, the `"kept"` layer paths it keeps
             fully trainable and the `"owned"` weight keys it has its own copy
-            of (see `keras_lowrank.owned`).
+            of (see `keras_lowrank.state.owned`).
         active: names of the active adapters, in order.
         frozen_before: paths of layers that were already frozen before the
             first `adapt()`; `unload` restores them.
@@ -261,7 +261,7 @@ def restore(model, manifest_):
     its weights are loaded. Layers rebuilt from their own config (in
     Functional and Sequential models) already hold their adapters; they are
     checked rather than adapted twice."""
-    from keras_lowrank import freezing
+    from keras_lowrank.surgery import freezing
 
     version = manifest_.get("format")
     if version != MANIFEST_FORMAT:

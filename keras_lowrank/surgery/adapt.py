@@ -11,22 +11,22 @@ import numbers
 
 import keras
 
-from keras_lowrank import freezing
-from keras_lowrank import owned
-from keras_lowrank import targets as targeting
+from keras_lowrank.surgery import freezing
+from keras_lowrank.state import owned
+from keras_lowrank.surgery import targets as targeting
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.layers import quantized as quantization
-from keras_lowrank.model_state import ModelState
-from keras_lowrank.model_state import adapted_layers
-from keras_lowrank.model_state import adapted_visits
-from keras_lowrank.model_state import mark_adapted
-from keras_lowrank.model_state import state_of
-from keras_lowrank.model_state import unmark_adapted
+from keras_lowrank.state.model_state import ModelState
+from keras_lowrank.state.model_state import adapted_layers
+from keras_lowrank.state.model_state import adapted_visits
+from keras_lowrank.state.model_state import mark_adapted
+from keras_lowrank.state.model_state import state_of
+from keras_lowrank.state.model_state import unmark_adapted
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
-from keras_lowrank.walk import sublayers
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import sublayers
+from keras_lowrank.surgery.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
 

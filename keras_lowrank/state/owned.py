@@ -26,9 +26,9 @@ and adapter files carry their adapter's values.
 import keras
 import numpy as np
 
-from keras_lowrank.walk import own_weights
-from keras_lowrank.walk import bias_weights
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import own_weights
+from keras_lowrank.surgery.walk import bias_weights
+from keras_lowrank.surgery.walk import walk
 
 # The owner name of the base model's values. Not a valid adapter name, so it
 # can never clash with one.

@@ -31,15 +31,15 @@ import keras
 import numpy as np
 
 from keras_lowrank.integrations import keras_hub as hub_integration
-from keras_lowrank.integrations import peft_format
-from keras_lowrank.integrations import peft_tables
-from keras_lowrank.integrations.peft_format import KEY_PREFIX
-from keras_lowrank.integrations.peft_format import fail
+from keras_lowrank.integrations.peft import format as peft_format
+from keras_lowrank.integrations.peft import names as peft_tables
+from keras_lowrank.integrations.peft.format import KEY_PREFIX
+from keras_lowrank.integrations.peft.format import fail
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.spec import check_adapter_name
-from keras_lowrank.walk import find_layer
-from keras_lowrank.walk import walk
+from keras_lowrank.surgery.walk import find_layer
+from keras_lowrank.surgery.walk import walk
 
 # --- which model -------------------------------------------------------------
 
@@ -566,7 +566,7 @@ def load_peft_adapter(model, path, name=None):
 
 def _apply(model, target, config, plan, name):
     from keras_lowrank import lifecycle
-    from keras_lowrank.surgery import adapt
+    from keras_lowrank.surgery.adapt import adapt
 
     ranks = [p.rank for p in plan.loras]
     alphas = [p.alpha for p in plan.loras]
@@ -680,8 +680,8 @@ def export_peft_adapter(
     # PyTorch: PeftModel.from_pretrained(AutoModel..., "my-adapter")
     ```
     """
-    from keras_lowrank.model_state import adapted_visits
-    from keras_lowrank.model_state import state_of
+    from keras_lowrank.state.model_state import adapted_visits
+    from keras_lowrank.state.model_state import state_of
 
     verb = "export_peft_adapter"
     target = _Target.of(model, verb)

@@ -1,0 +1,1 @@
+"""Files: the `.keras` manifest and adapter-only files."""

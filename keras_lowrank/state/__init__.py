@@ -1,0 +1,1 @@
+"""Model-level adapter state: options, the active set, owned weights."""

@@ -1,0 +1,1 @@
+"""Model surgery: finding target layers and adapting them in place."""
