@@ -71,8 +71,14 @@ BAD_OPTIONS = [
      r"\(float\)\. Pass an int such as rank=8"),
     (dict(rank="8"), TypeError, r"got '8' \(str\)\. Pass an int"),
     (dict(rank=True), TypeError, r"got True \(bool\)"),
-    (dict(alpha=0), ValueError, r"alpha must be a positive number, got 0\. "
-     r"Pass alpha=None"),
+    (dict(alpha=0), ValueError, r"alpha must be a finite positive number, "
+     r"got 0\. Pass a number such as alpha=16, or alpha=None"),
+    (dict(alpha=float("inf")), ValueError, r"alpha must be a finite positive "
+     r"number, got inf\. Pass a number such as alpha=16"),
+    (dict(alpha=float("nan")), ValueError, r"alpha must be a finite positive "
+     r"number, got nan\."),
+    (dict(alpha=-2.0), ValueError, r"alpha must be a finite positive "
+     r"number, got -2\.0\."),
     (dict(scaling="rs"), ValueError, r"unknown scaling 'rs'\. Use one of "
      r"'standard', 'rslora'\."),
     (dict(init="kaiming"), ValueError, r"unknown init 'kaiming'\. Use one of "
@@ -81,10 +87,15 @@ BAD_OPTIONS = [
      r"'lora', 'dora'\."),
     (dict(bias="lora_only"), ValueError, r"unknown bias 'lora_only'\. Use "
      r"one of 'none', 'all'\."),
-    (dict(dropout=-0.1), ValueError, r"dropout must be a number in \[0, 1\),"
-     r" got -0\.1\. Pass dropout=0\.0 to disable it\."),
-    (dict(dropout=1.0), ValueError, r"dropout must be a number in \[0, 1\), "
-     r"got 1\.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be a finite number in "
+     r"\[0, 1\), got -0\.1\. Pass dropout=0\.0 to disable it, or a rate "
+     r"such as dropout=0\.1\."),
+    (dict(dropout=1.0), ValueError, r"dropout must be a finite number in "
+     r"\[0, 1\), got 1\.0"),
+    (dict(dropout=float("nan")), ValueError, r"dropout must be a finite "
+     r"number in \[0, 1\), got nan\. Pass dropout=0\.0"),
+    (dict(dropout=float("-inf")), ValueError, r"dropout must be a finite "
+     r"number in \[0, 1\), got -inf\."),
     (dict(adapter_name="task.a"), ValueError, r"adapter name 'task\.a' is not"
      r" valid\. Use letters, digits, '_' and '-' only"),
 ]
@@ -114,7 +125,7 @@ def test_rank_larger_than_min_d_k():
         layer,
         ValueError,
         r"rank 6 is larger than min\(d, k\) = min\(5, 6\) = 5 for this "
-        r"kernel, so it is not low-rank\. Use a rank of at most 5\.",
+        r"kernel \(5, 6\), so it is not low-rank\. Use a rank of at most 5\.",
         rank=6,
     )
     # Standalone: known once the input size is, at build.

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank import keras_private
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
@@ -50,36 +51,10 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     base_class = keras.layers.Dense
 
-    def __init__(
-        self,
-        units,
-        rank=8,
-        alpha=None,
-        scaling="standard",
-        dropout=0.0,
-        method="lora",
-        init="default",
-        bias="none",
-        adapter_name="default",
-        adapters=None,
-        active_adapters=None,
-        merged_adapters=None,
-        **kwargs,
-    ):
+    def __init__(self, units, adapter=None, **kwargs):
+        options, state = self.split_adapter_options(kwargs)
         super().__init__(units, **kwargs)
-        self._init_adapters(
-            rank,
-            alpha,
-            scaling,
-            dropout,
-            method,
-            init,
-            bias,
-            adapter_name,
-            adapters,
-            active_adapters,
-            merged_adapters,
-        )
+        self._init_adapters(adapter, options, state)
 
     _folds_in_inference = True
 
@@ -89,17 +64,14 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     @classmethod
     def kernel_layout(cls, layer):
-        shape = quantized.logical_kernel_shape(layer, layer._kernel)
+        kernel = keras_private.kernel_of(layer)
+        shape = quantized.logical_kernel_shape(layer, kernel)
         return KernelLayout(shape, (), (0,), (1,))
-
-    @classmethod
-    def kernel_variable(cls, layer):
-        return layer._kernel
 
     def _base_output(self, inputs):
         if self.quantization_mode is not None:
             return quantized.base_output(self, inputs)
-        return ops.matmul(inputs, self._kernel)
+        return ops.matmul(inputs, keras_private.kernel_of(self))
 
     def _kernel_output(self, inputs, kernel):
         return ops.matmul(inputs, kernel)
