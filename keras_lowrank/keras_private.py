@@ -19,7 +19,7 @@ is checked on the declared minimum (3.10) and on the newest tested release.
 | `Layer._call_signature`, `call_signature_parameters`, `_call_has_training_arg`, `_call_has_mask_arg`, `_call_has_context_arg`, `_call_context_args` | `refresh_call_signature` | Keras passes `training` to a layer whose class changed |
 | `object.__class__` assignment on a Keras object | `swap_class` | in-place adaptation of subclassed/KerasHub models |
 | `SeedGenerator._initial_seed` | `FixedSeed` | a replayed dropout seed under rematerialisation (torch) |
-| `Dense/EinsumDense/Conv._kernel`, `Embedding._embeddings` | `KERNEL_ATTRS`, `kernel_of`, `set_kernel` | the kernel variable itself, not the property Keras wraps it in |
+| `Dense/EinsumDense/Conv._kernel`, `Embedding._embeddings` | `KERNEL_ATTRS`, `kernel_attr`, `kernel_of`, `set_kernel` | the kernel variable itself, not the property Keras wraps it in |
 | `Conv1D._compute_causal_padding` | `causal_padding` | the "causal" padding Conv1D uses |
 | `Layer._flatten_layers` | `direct_sublayers`, `all_sublayers` | a walk over sublayers (no public one) |
 | `Layer._track_variables` (torch) | `retrack_variables` | `model.parameters()` sees added/removed variables |
@@ -91,7 +91,7 @@ CALL_SIGNATURE_ATTRS = (
 
 
 def refresh_call_signature(layer):
-    """Re-reads `call`'s signature after a class change.
+    """Re-reads `call`'s signature after a class change (the Keras names).
 
     Keras inspects `call` once, in `Layer.__init__`, to learn whether it takes
     `training` (and `mask`, and the context arguments). An Embedding or Conv
@@ -125,7 +125,7 @@ def swap_class(obj, cls):
 
 
 class FixedSeed(keras.random.SeedGenerator):
-    """A `SeedGenerator` that always returns one drawn seed.
+    """A Keras `SeedGenerator` that always returns one drawn seed.
 
     Used to replay a dropout seed drawn before a rematerialised call (and
     again when the backward pass recomputes it). No state variable is
@@ -160,7 +160,8 @@ KERNEL_ATTRS = (
 
 
 def kernel_attr(layer):
-    """`(private attribute, variable name)` of `layer`'s kernel."""
+    """`(private attribute, variable name)` of `layer`'s kernel (see
+    `KERNEL_ATTRS`: Keras's `_kernel`/`_embeddings`)."""
     for cls, attr, name in KERNEL_ATTRS:
         if isinstance(layer, cls):
             return attr, name
@@ -171,12 +172,14 @@ def kernel_attr(layer):
 
 
 def kernel_of(layer):
-    """The variable holding `layer`'s kernel (`_kernel` / `_embeddings`)."""
+    """The variable holding `layer`'s kernel (Keras's `_kernel` /
+    `_embeddings`)."""
     return getattr(layer, kernel_attr(layer)[0])
 
 
 def set_kernel(layer, variable):
-    """Makes `variable` the layer's kernel (inside `unlocked_state`)."""
+    """Makes `variable` the layer's kernel (Keras's `_kernel` /
+    `_embeddings`), inside `unlocked_state`."""
     setattr(layer, kernel_attr(layer)[0], variable)
 
 
@@ -197,7 +200,8 @@ def direct_sublayers(layer):
 
 
 def all_sublayers(layer):
-    """Every sublayer of `layer`, depth first (`_flatten_layers`)."""
+    """Every sublayer of `layer`, depth first (Keras's `_flatten_layers`,
+    as `direct_sublayers`)."""
     return list(layer._flatten_layers(include_self=False))
 
 
@@ -235,7 +239,8 @@ QUANTIZATION_ATTRS = (
 
 
 def quantization_attr(layer, name, default=None):
-    """`layer.<name>` for a name in `QUANTIZATION_ATTRS` (or `default`)."""
+    """`layer.<name>` for a name in `QUANTIZATION_ATTRS` (Keras's private
+    quantization state), or `default`."""
     if name not in QUANTIZATION_ATTRS:
         raise KeyError(f"{name!r} is not a pinned quantization attribute")
     return getattr(layer, name, default)
@@ -269,7 +274,8 @@ def optimizer_update_hooks(optimizer):
 
 
 def set_optimizer_update_hooks(optimizer, update_step, apply_weight_decay):
-    """Replaces the two hooks of `optimizer_update_hooks` on this instance."""
+    """Replaces the two Keras hooks of `optimizer_update_hooks` on this
+    optimizer instance."""
     optimizer._backend_update_step = update_step
     optimizer._apply_weight_decay = apply_weight_decay
 

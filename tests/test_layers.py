@@ -117,3 +117,45 @@ def test_mixed_precision(case, construction, policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_mixed_precision_fit(case, policy):
     harness.check_mixed_precision_fit(case, policy)
+
+
+@per_class
+@constructions
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_merge_unmerge_is_exact(case, construction, dtype, tmp_path):
+    harness.check_low_precision_merge(case, construction, dtype, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_model_merge_unmerge_is_exact(dtype, tmp_path):
+    """The same through keras_lowrank.merge/unmerge on a small model, and
+    after a `.keras` round trip while merged."""
+    import keras
+    import numpy as np
+
+    import keras_lowrank
+
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, dtype=dtype, name="hidden"),
+            keras.layers.Dense(2, dtype=dtype, name="out"),
+        ]
+    )
+    keras_lowrank.adapt(model, rank=4, seed=3)
+    layer = model.get_layer("hidden")
+    layer.lowrank_B_default.assign(
+        np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
+    )
+    original = harness.snapshot([layer.kernel])[0]
+    keras_lowrank.merge(model)
+    assert (harness.to_numpy(layer.kernel) != original).any()
+    path = str(tmp_path / "merged.keras")
+    model.save(path)
+    keras_lowrank.unmerge(model)
+    np.testing.assert_array_equal(harness.to_numpy(layer.kernel), original)
+    loaded = keras_lowrank.load_model(path)
+    keras_lowrank.unmerge(loaded)
+    np.testing.assert_array_equal(
+        harness.to_numpy(loaded.get_layer("hidden").kernel), original
+    )
