@@ -25,6 +25,7 @@ is checked on the declared minimum (3.10) and on the newest tested release.
 | `Layer._track_variables` (torch) | `retrack_variables` | `model.parameters()` sees added/removed variables |
 | `Dense/EinsumDense/Embedding._int8_call`, `_int4_call` | `quantized_call` | Keras's own quantized matmul as the base path |
 | `_orig_input_dim`, `_orig_output_dim`, `_int4_unpacked_column_size`, `_int4_block_size`, `EinsumDense._adjust_scale_for_dequant` | `quantization_attr`, `einsum_dequant_scale` | dequantizing int8/int4 kernels exactly as Keras does |
+| `Layer.__dict__["quantize"]` (per-instance wrapper), `type_check=` | `instance_quantize` | `layer.quantize(...)` / `model.quantize(...)` on adapter layers |
 | `Layer._is_quantized` | `mark_unquantized` | a dequantized layer reports `quantization_mode is None` |
 | `Optimizer._backend_update_step`, `_apply_weight_decay`, `_use_weight_decay` | `optimizer_update_hooks`, `set_optimizer_update_hooks`, `uses_weight_decay` | LoRA+: a second learning rate for the `B` factors |
 
@@ -251,6 +252,16 @@ def einsum_dequant_scale(layer, scale):
     as Keras dequantizes it. Private: `EinsumDense._adjust_scale_for_dequant`
     (since Keras 3.0)."""
     return layer._adjust_scale_for_dequant(scale)
+
+
+def instance_quantize(obj):
+    """The per-instance `quantize` wrapper Keras sets on every layer and
+    model when it is created (its argument checks, config resolution and
+    state unlocking, around the class's `quantize`), or `None`. Adapter
+    layers wrap it to call the class's `quantize` with `type_check=False`.
+    Private: the instance attribute and the `type_check` keyword, both in
+    Keras >= 3.10 (the declared minimum)."""
+    return obj.__dict__.get("quantize")
 
 
 def mark_unquantized(layer):

@@ -210,3 +210,17 @@ def test_optimizer_update_hooks():
     assert keras_private.uses_weight_decay(optimizer, variable) is True
     optimizer.exclude_from_weight_decay(var_names=["w"])
     assert keras_private.uses_weight_decay(optimizer, variable) is False
+
+
+def test_instance_quantize_wrapper():
+    layer = keras.layers.Dense(2)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    for obj in (layer, model):
+        wrapper = keras_private.instance_quantize(obj)
+        assert callable(wrapper), (
+            f"Keras {keras.__version__} no longer wraps `quantize` per "
+            f"instance on {type(obj).__name__}"
+        )
+    assert "type_check" in inspect.signature(
+        keras.layers.Dense.quantize
+    ).parameters, "Dense.quantize lost its `type_check` keyword"

@@ -124,8 +124,10 @@ _CONV_DOC = """A `keras.layers.Conv{n}D` with low-rank adapters.
     Args:
         filters: number of output channels, as for `keras.layers.Conv{n}D`.
         kernel_size: window size, as for `keras.layers.Conv{n}D`.
-        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
-            the adapter's options (see `LowRankDense`).
+        adapter: the adapter's options as one `AdapterSpec`; or give
+            them as the keywords `rank`, `alpha`, `scaling`, `dropout`,
+            `method`, `init`, `bias` (not both; see `LowRankDense`).
+        adapter_name: name of the adapter created in `build`.
         adapters, active_adapters, merged_adapters: the saved adapter state.
         **kwargs: every other `keras.layers.Conv{n}D` argument.
 

@@ -21,7 +21,10 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     Args:
         units: output size, as for `keras.layers.Dense`.
-        rank: rank `r` of the update (`1 <= r <= min(d, k)`).
+        adapter: the adapter's options as one `AdapterSpec`
+            (`adapter=AdapterSpec(rank=8, alpha=16)`); or give them as the
+            keywords below (not both).
+        rank: rank `r` of the update (`1 <= r <= min(d, k)`; default 8).
         alpha: scaling numerator; defaults to `rank`.
         scaling: `"standard"` (`alpha/r`) or `"rslora"` (`alpha/sqrt(r)`).
         dropout: dropout rate on the adapter's input.

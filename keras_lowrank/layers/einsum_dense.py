@@ -24,8 +24,10 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     Args:
         equation: the einsum equation, as for `keras.layers.EinsumDense`.
         output_shape: as for `keras.layers.EinsumDense`.
-        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
-            the adapter's options (see `LowRankDense`).
+        adapter: the adapter's options as one `AdapterSpec`; or give
+            them as the keywords `rank`, `alpha`, `scaling`, `dropout`,
+            `method`, `init`, `bias` (not both; see `LowRankDense`).
+        adapter_name: name of the adapter created in `build`.
         adapters, active_adapters, merged_adapters: the saved adapter state
             (used when loading).
         **kwargs: every other `keras.layers.EinsumDense` argument.

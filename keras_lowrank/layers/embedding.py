@@ -32,8 +32,10 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
     Args:
         input_dim: vocabulary size, as for `keras.layers.Embedding`.
         output_dim: embedding size.
-        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
-            the adapter's options (see `LowRankDense`).
+        adapter: the adapter's options as one `AdapterSpec`; or give
+            them as the keywords `rank`, `alpha`, `scaling`, `dropout`,
+            `method`, `init`, `bias` (not both; see `LowRankDense`).
+        adapter_name: name of the adapter created in `build`.
         adapters, active_adapters, merged_adapters: the saved adapter state.
         **kwargs: every other `keras.layers.Embedding` argument.
 

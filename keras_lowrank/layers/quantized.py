@@ -356,7 +356,7 @@ def install_layer_hook(layer):
     Keras's wrapper run with `type_check=False` (the quantization itself is
     Keras's), then refreshes which variables train.
     """
-    keras_quantize = layer.__dict__.get("quantize")
+    keras_quantize = keras_private.instance_quantize(layer)
     if keras_quantize is None or hasattr(keras_quantize, "_keras_lowrank"):
         return
 
@@ -372,7 +372,7 @@ def install_layer_hook(layer):
 
 def remove_layer_hook(layer):
     """Gives `layer` back Keras's own `quantize` wrapper."""
-    hook = layer.__dict__.get("quantize")
+    hook = keras_private.instance_quantize(layer)
     if hook is not None and hasattr(hook, "_keras_lowrank"):
         layer.quantize = hook._keras_lowrank
 
@@ -389,7 +389,7 @@ def install_model_hook(model, adapted_layers):
         model: the adapted model.
         adapted_layers: a function returning the model's adapter layers.
     """
-    keras_quantize = model.__dict__.get("quantize")
+    keras_quantize = keras_private.instance_quantize(model)
     if keras_quantize is None or hasattr(keras_quantize, "_keras_lowrank"):
         return
 
