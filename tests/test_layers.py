@@ -159,3 +159,30 @@ def test_low_precision_model_merge_unmerge_is_exact(dtype, tmp_path):
     np.testing.assert_array_equal(
         harness.to_numpy(loaded.get_layer("hidden").kernel), original
     )
+
+
+def test_low_precision_merged_file_without_backup_still_loads():
+    """A bfloat16 layer saved merged by an earlier version (no
+    `lowrank_unmerged_kernel` in the file) loads, and unmerges to rounding
+    as it always did."""
+    import numpy as np
+
+    from keras_lowrank import LowRankDense
+
+    layer = LowRankDense(6, rank=2, dtype="bfloat16", name="d")
+    layer.build((None, 4))
+    harness.randomize_factors(layer)
+    original = harness.snapshot([layer.kernel])[0].astype("float32")
+    layer.merge()
+    store = {}
+    layer.save_own_variables(store)
+    assert "lowrank_unmerged_kernel" in store
+    del store["lowrank_unmerged_kernel"]
+    twin = LowRankDense.from_config(layer.get_config())
+    twin.build((None, 4))
+    twin.load_own_variables(store)
+    assert twin.merged_adapters == ["default"]
+    twin.unmerge()
+    np.testing.assert_allclose(
+        harness.to_numpy(twin.kernel).astype("float32"), original, atol=0.05
+    )

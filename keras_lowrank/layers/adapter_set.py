@@ -149,8 +149,6 @@ class AdapterSet:
         self.active = [n for n in self.pending_active if n in pending]
         self.merged = [n for n in merged if n in pending]
         self.pending = {}
-        # The saved file holds the exact kernel of a low-precision merge.
-        merging.sync_backup(self)
         self.refresh_trainable()
 
     def config(self):

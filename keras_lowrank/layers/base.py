@@ -446,6 +446,7 @@ class LowRankLayer:
             store[merging.BACKUP_ATTR] = backup
 
     def load_own_variables(self, store):
+        merging.prepare_load(self._lowrank, list(store.keys()))
         self._load_base_variables(store)
         for name in self._lowrank.specs:
             for key, var in self.adapter_variables(name).items():
@@ -457,13 +458,7 @@ class LowRankLayer:
                         "adapter; load it into a matching model."
                     )
                 var.assign(store[stored])
-        backup = getattr(self, merging.BACKUP_ATTR, None)
-        if backup is not None:
-            # Files saved before backups existed hold only the merged kernel.
-            if merging.BACKUP_ATTR in store.keys():
-                backup.assign(store[merging.BACKUP_ATTR])
-            else:
-                backup.assign(merging.unmerged_estimate(self._lowrank))
+        merging.finish_load(self._lowrank, store)
 
     def _save_base_variables(self, store):
         """Writes the base layer's own variables as the base class would.

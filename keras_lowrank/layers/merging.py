@@ -293,20 +293,35 @@ def unmerged_estimate(aset):
 
 
 def sync_backup(aset):
-    """Keeps the backup iff something is merged into a low-precision kernel.
+    """Drops the backup once nothing is merged (after the merged set changed
+    without `unmerge`: `restore_state`, `forget_adapter`): the kernel is then
+    its own base. Backups are created by `merge` and by loading a file that
+    holds one (see `LowRankLayer.load_own_variables`), never here, so the
+    layer's variables always match what Keras expects to load."""
+    if not aset.merged and getattr(aset.layer, BACKUP_ATTR, None) is not None:
+        drop_backup(aset)
 
-    Called after the merged set changed without `merge`/`unmerge` (a layer
-    rebuilt from a config, `restore_state`, `forget_adapter`): nothing merged
-    means the kernel is its own base, so the backup goes; merged without a
-    backup, one is estimated from the kernel (a file then loads the exact
-    one over it).
-    """
-    layer = aset.layer
-    has = getattr(layer, BACKUP_ATTR, None) is not None
-    if not aset.merged:
-        if has:
-            drop_backup(aset)
-    elif not has and _needs_backup(layer):
+
+def prepare_load(aset, stored_keys):
+    """Before Keras loads a layer's variables: gives the layer a backup
+    variable exactly when the file holds one (Keras checks that the counts
+    match)."""
+    has = getattr(aset.layer, BACKUP_ATTR, None) is not None
+    if BACKUP_ATTR in stored_keys and not has:
+        _create_backup(aset, ops.convert_to_tensor(aset.layer._kernel_variable()))
+    elif BACKUP_ATTR not in stored_keys and has:
+        drop_backup(aset)
+
+
+def finish_load(aset, store):
+    """After loading: the file's backup, or for a low-precision file saved
+    merged by an earlier version (no backup in it) one solved from the
+    merged kernel, so that unmerging from now on restores that estimate
+    exactly."""
+    backup = getattr(aset.layer, BACKUP_ATTR, None)
+    if backup is not None:
+        backup.assign(store[BACKUP_ATTR])
+    elif aset.merged and _needs_backup(aset.layer):
         _create_backup(aset, unmerged_estimate(aset))
 
 
