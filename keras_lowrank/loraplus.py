@@ -24,11 +24,14 @@ separate learning rate; here biases, heads and embedding adapters' `A`
 train at the base rate, and an Embedding's `B` is fast like any `B`.
 """
 
+import math
 import numbers
 import re
 
 import keras
 from keras import ops
+
+from keras_lowrank import keras_private
 
 _FAST_NAME = re.compile(r"^lowrank_(B|magnitude)_[A-Za-z0-9_\-]+$")
 
@@ -96,11 +99,13 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
         if (
             isinstance(ratio, bool)
             or not isinstance(ratio, numbers.Real)
+            or not math.isfinite(ratio)
             or not ratio > 0
         ):
             raise ValueError(
-                "keras_lowrank: LoraPlusOptimizer ratio must be a positive "
-                f"number, got {ratio!r}. LoRA+ recommends ratio=16."
+                "keras_lowrank: LoraPlusOptimizer ratio must be a finite "
+                f"positive number, got {ratio!r}. Pass a number such as "
+                "ratio=16 (what LoRA+ recommends)."
             )
         if getattr(optimizer, "_lowrank_loraplus_ratio", None) is not None:
             raise ValueError(
@@ -179,8 +184,7 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
 def _split_updates(optimizer, ratio):
     """Splits `optimizer`'s update step and weight decay into the base group
     and the fast group (learning rate times `ratio`), on this instance."""
-    update_step = optimizer._backend_update_step
-    weight_decay = optimizer._apply_weight_decay
+    update_step, weight_decay = keras_private.optimizer_update_hooks(optimizer)
 
     def split_update_step(grads, trainable_variables, learning_rate):
         slow, fast = [], []
@@ -199,13 +203,14 @@ def _split_updates(optimizer, ratio):
         if optimizer.weight_decay is None:
             return
         for variable in variables:
-            if is_fast_variable(variable) and optimizer._use_weight_decay(
-                variable
+            if is_fast_variable(variable) and keras_private.uses_weight_decay(
+                optimizer, variable
             ):
                 rate = ops.cast(optimizer.learning_rate, variable.dtype)
                 decay = ops.cast(optimizer.weight_decay * ratio, variable.dtype)
                 variable.assign(variable - variable * decay * rate)
 
-    optimizer._backend_update_step = split_update_step
-    optimizer._apply_weight_decay = split_weight_decay
+    keras_private.set_optimizer_update_hooks(
+        optimizer, split_update_step, split_weight_decay
+    )
     optimizer._lowrank_loraplus_ratio = ratio

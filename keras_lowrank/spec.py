@@ -6,6 +6,7 @@ one message, whichever way it arrived.
 """
 
 import dataclasses
+import math
 import numbers
 import re
 
@@ -97,11 +98,13 @@ class AdapterSpec:
         if self.alpha is not None and (
             isinstance(self.alpha, bool)
             or not isinstance(self.alpha, numbers.Real)
+            or not math.isfinite(self.alpha)
             or not self.alpha > 0
         ):
             raise ValueError(
-                f"{at}: alpha must be a positive number, got {self.alpha!r}. "
-                "Pass alpha=None to use alpha = rank."
+                f"{at}: alpha must be a finite positive number, got "
+                f"{self.alpha!r}. Pass a number such as alpha=16, or "
+                "alpha=None to use alpha = rank."
             )
         _check_choice(at, "scaling", self.scaling, SCALINGS)
         _check_choice(at, "method", self.method, METHODS)
@@ -113,11 +116,13 @@ class AdapterSpec:
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, numbers.Real)
+            or not math.isfinite(self.dropout)
             or not 0.0 <= self.dropout < 1.0
         ):
             raise ValueError(
-                f"{at}: dropout must be a number in [0, 1), got "
-                f"{self.dropout!r}. Pass dropout=0.0 to disable it."
+                f"{at}: dropout must be a finite number in [0, 1), got "
+                f"{self.dropout!r}. Pass dropout=0.0 to disable it, or a "
+                "rate such as dropout=0.1."
             )
 
     @classmethod
@@ -186,6 +191,81 @@ class AdapterSpec:
                 "by a newer keras_lowrank: upgrade keras_lowrank."
             )
         return cls.checked(path, **config)
+
+
+# The adapter options a layer constructor accepts as keywords, besides the
+# `AdapterSpec` fields: the name of the adapter it creates and the saved state.
+SPEC_OPTIONS = tuple(f.name for f in dataclasses.fields(AdapterSpec))
+STATE_OPTIONS = ("adapters", "active_adapters", "merged_adapters")
+
+
+def split_adapter_options(kwargs):
+    """Pops the adapter keywords (`rank=`, `alpha=`, ..., `adapter_name=`,
+    the saved state) out of a layer constructor's `kwargs`.
+
+    Returns:
+        `(options, state)`: the `AdapterSpec` keywords given, and
+        `{"adapter_name", "adapters", "active_adapters", "merged_adapters"}`.
+    """
+    options = {k: kwargs.pop(k) for k in SPEC_OPTIONS if k in kwargs}
+    state = {k: kwargs.pop(k, None) for k in STATE_OPTIONS}
+    state["adapter_name"] = kwargs.pop("adapter_name", "default")
+    return options, state
+
+
+def spec_from_arguments(adapter, options, path=None, owner="the layer"):
+    """The `AdapterSpec` of `adapter=` or of the keywords, never both.
+
+    Args:
+        adapter: an `AdapterSpec` or `None`.
+        options: the `AdapterSpec` keywords given (`rank=8, alpha=16`).
+        path: the layer, for messages.
+        owner: the constructor's name, for messages.
+    """
+    if adapter is None:
+        return AdapterSpec.checked(path, **{"rank": 8, **options})
+    if not isinstance(adapter, AdapterSpec):
+        raise TypeError(
+            f"{where(path)}: {owner} got adapter={adapter!r} "
+            f"({type(adapter).__name__}); pass an AdapterSpec, e.g. "
+            "adapter=keras_lowrank.AdapterSpec(rank=8, alpha=16)."
+        )
+    if options:
+        given = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+        raise TypeError(
+            f"{where(path)}: {owner} got both adapter= and {given}. Give the "
+            "adapter's options once: either adapter=AdapterSpec(...) or the "
+            "keywords (rank=..., alpha=...)."
+        )
+    adapter.validate(path)
+    return adapter
+
+
+def check_seed(seed, path=None):
+    """Raises unless `seed` is `None`, an int in `[0, 2**32)` or a
+    `keras.random.SeedGenerator` (the seeds every backend accepts: JAX
+    refuses negative ones, and torch and TensorFlow wrap them differently).
+
+    Example:
+
+    >>> check_seed(7)
+    7
+    """
+    import keras
+
+    if seed is None or isinstance(seed, keras.random.SeedGenerator):
+        return seed
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not 0 <= seed < 2**32
+    ):
+        raise ValueError(
+            f"{where(path)}: seed must be None or an integer in "
+            f"[0, 2**32), got {seed!r}. Pass a non-negative int such as "
+            "seed=0, or seed=None for a random initialisation."
+        )
+    return int(seed)
 
 
 def _check_choice(at, option, value, choices, extra=None):

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lowrank import keras_private
 from keras_lowrank.layers import ADAPTER_CLASSES
 
 RANK = 2
@@ -328,9 +329,7 @@ def randomize_factors(layer, seed=0, name="default", scale=0.4):
 
 def kernel_of(layer):
     """The kernel variable of a plain or adapted layer."""
-    if isinstance(layer, keras.layers.Embedding):
-        return layer.embeddings
-    return layer._kernel
+    return keras_private.kernel_of(layer)
 
 
 def merged_kernel(case, layer, name="default"):
@@ -766,3 +765,46 @@ __all__ = [
     "POLICIES",
     "LayerCase",
 ]
+
+
+def check_low_precision_merge(case, construction, dtype, tmp_path):
+    """merge + unmerge on a bfloat16/float16 kernel gives the kernel back bit
+    for bit (rounding `W + ΔW` and subtracting `ΔW` again would not), also
+    with two adapters unmerged one at a time, and after a `.keras` round
+    trip while merged."""
+    from keras_lowrank.spec import AdapterSpec
+
+    layer = case.adapted(construction, dtype=dtype)
+    assert str(kernel_of(layer).dtype).endswith(dtype)
+    layer.add_adapter("second", AdapterSpec(rank=RANK, alpha=ALPHA))
+    layer.set_active_adapters(["default", "second"])
+    randomize_factors(layer, seed=1)
+    randomize_factors(layer, seed=2, name="second")
+    original = snapshot([kernel_of(layer)])[0]
+    layer.merge()
+    merged = snapshot([kernel_of(layer)])[0]
+    assert (merged != original).any(), "the merge changed nothing"
+    assert "lowrank_unmerged_kernel" in [w.name for w in layer.weights]
+    layer.unmerge(["second"])
+    assert layer.merged_adapters == ["default"]
+    layer.unmerge()
+    np.testing.assert_array_equal(to_numpy(kernel_of(layer)), original)
+    # The backup exists only while something is merged.
+    assert "lowrank_unmerged_kernel" not in [w.name for w in layer.weights]
+    assert sorted(w.name for w in layer.trainable_weights) == sorted(
+        adapter_weight_names() + adapter_weight_names("second")
+    )
+
+    # merge -> save -> load -> unmerge, in the same process.
+    model = model_around(case, layer)
+    layer.merge()
+    path = os.path.join(str(tmp_path), f"merged_{dtype}.keras")
+    model.save(path)
+    layer.unmerge()
+    np.testing.assert_array_equal(to_numpy(kernel_of(layer)), original)
+    loaded = keras.saving.load_model(path)
+    twin = loaded.layers[-1]
+    assert twin.merged_adapters == ["default", "second"]
+    np.testing.assert_array_equal(to_numpy(kernel_of(twin)), merged)
+    twin.unmerge()
+    np.testing.assert_array_equal(to_numpy(kernel_of(twin)), original)

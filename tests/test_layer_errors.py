@@ -4,6 +4,8 @@ A failed `from_layer` must leave the layer exactly as it was: same class,
 same attributes, same variables with the same values and trainable flags.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -71,8 +73,14 @@ BAD_OPTIONS = [
      r"\(float\)\. Pass an int such as rank=8"),
     (dict(rank="8"), TypeError, r"got '8' \(str\)\. Pass an int"),
     (dict(rank=True), TypeError, r"got True \(bool\)"),
-    (dict(alpha=0), ValueError, r"alpha must be a positive number, got 0\. "
-     r"Pass alpha=None"),
+    (dict(alpha=0), ValueError, r"alpha must be a finite positive number, "
+     r"got 0\. Pass a number such as alpha=16, or alpha=None"),
+    (dict(alpha=float("inf")), ValueError, r"alpha must be a finite positive "
+     r"number, got inf\. Pass a number such as alpha=16"),
+    (dict(alpha=float("nan")), ValueError, r"alpha must be a finite positive "
+     r"number, got nan\."),
+    (dict(alpha=-2.0), ValueError, r"alpha must be a finite positive "
+     r"number, got -2\.0\."),
     (dict(scaling="rs"), ValueError, r"unknown scaling 'rs'\. Use one of "
      r"'standard', 'rslora'\."),
     (dict(init="kaiming"), ValueError, r"unknown init 'kaiming'\. Use one of "
@@ -81,10 +89,15 @@ BAD_OPTIONS = [
      r"'lora', 'dora'\."),
     (dict(bias="lora_only"), ValueError, r"unknown bias 'lora_only'\. Use "
      r"one of 'none', 'all'\."),
-    (dict(dropout=-0.1), ValueError, r"dropout must be a number in \[0, 1\),"
-     r" got -0\.1\. Pass dropout=0\.0 to disable it\."),
-    (dict(dropout=1.0), ValueError, r"dropout must be a number in \[0, 1\), "
-     r"got 1\.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be a finite number in "
+     r"\[0, 1\), got -0\.1\. Pass dropout=0\.0 to disable it, or a rate "
+     r"such as dropout=0\.1\."),
+    (dict(dropout=1.0), ValueError, r"dropout must be a finite number in "
+     r"\[0, 1\), got 1\.0"),
+    (dict(dropout=float("nan")), ValueError, r"dropout must be a finite "
+     r"number in \[0, 1\), got nan\. Pass dropout=0\.0"),
+    (dict(dropout=float("-inf")), ValueError, r"dropout must be a finite "
+     r"number in \[0, 1\), got -inf\."),
     (dict(adapter_name="task.a"), ValueError, r"adapter name 'task\.a' is not"
      r" valid\. Use letters, digits, '_' and '-' only"),
 ]
@@ -114,7 +127,7 @@ def test_rank_larger_than_min_d_k():
         layer,
         ValueError,
         r"rank 6 is larger than min\(d, k\) = min\(5, 6\) = 5 for this "
-        r"kernel, so it is not low-rank\. Use a rank of at most 5\.",
+        r"kernel \(5, 6\), so it is not low-rank\. Use a rank of at most 5\.",
         rank=6,
     )
     # Standalone: known once the input size is, at build.
@@ -368,3 +381,122 @@ def test_config_from_a_newer_version_names_the_layer():
         (ValueError, TypeError), match=r"layer 'head': rank must be"
     ):
         LowRankDense.from_config(config)
+
+
+# --- one adapter-spec argument ------------------------------------------------
+
+
+def test_adapter_argument_equals_the_keywords():
+    from keras_lowrank import AdapterSpec
+
+    spec = AdapterSpec(rank=2, alpha=6, method="dora", dropout=0.1)
+    by_spec = LowRankDense(4, adapter=spec, name="a")
+    by_keywords = LowRankDense(
+        4, rank=2, alpha=6, method="dora", dropout=0.1, name="a"
+    )
+    assert by_spec.get_config() == by_keywords.get_config()
+    config = by_spec.get_config()
+    assert set(config) >= {"adapters", "active_adapters", "merged_adapters"}
+    assert config["adapters"]["default"] == spec.get_config()
+    # The saved format still loads (no `adapter` key in it).
+    twin = LowRankDense.from_config(config)
+    twin.build((None, 3))
+    assert twin.adapter_spec("default") == spec
+    layer = LowRankEinsumDense("ab,bc->ac", (4,), adapter=spec)
+    layer.build((None, 3))
+    assert layer.adapter_spec("default") == spec
+    plain = keras.layers.Dense(4)
+    plain.build((None, 3))
+    LowRankDense.from_layer(plain, adapter=spec, adapter_name="task")
+    assert plain.adapter_spec("task") == spec
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda spec: LowRankDense(4, adapter=spec, rank=4, name="head"),
+        lambda spec: LowRankEmbedding(10, 4, adapter=spec, alpha=2.0, name="head"),
+        lambda spec: LowRankConv2D(4, 3, adapter=spec, rank=4, name="head"),
+    ],
+)
+def test_adapter_argument_and_a_keyword_conflict(make):
+    from keras_lowrank import AdapterSpec
+
+    with pytest.raises(TypeError, match=r"layer 'head': LowRank\w+ got both "
+                       r"adapter= and (rank=4|alpha=2\.0)\. Give the adapter's "
+                       r"options once: either adapter=AdapterSpec\(\.\.\.\) "
+                       r"or the keywords"):
+        make(AdapterSpec(rank=2))
+
+
+def test_adapter_argument_errors():
+    from keras_lowrank import AdapterSpec
+
+    with pytest.raises(TypeError, match=r"layer 'head': LowRankDense got "
+                       r"adapter=\{'rank': 2\} \(dict\); pass an AdapterSpec"):
+        LowRankDense(4, adapter={"rank": 2}, name="head")
+    with pytest.raises(TypeError, match=r"got both adapter= and adapters= "
+                       r"\(the saved state\)\. Pass one of them\."):
+        LowRankDense(
+            4, adapter=AdapterSpec(rank=2), name="head",
+            adapters={"default": AdapterSpec(rank=2).get_config()},
+        )
+    plain = _dense_in_model()
+    _assert_from_layer_fails(
+        LowRankDense, plain, TypeError,
+        r"LowRankDense\.from_layer got both adapter= and rank=4\.",
+        adapter=AdapterSpec(rank=2), rank=4,
+    )
+
+
+# --- seeds ------------------------------------------------------------------------
+
+BAD_SEEDS = [-1, 2**32, 1.5, "7", True]
+
+
+@pytest.mark.parametrize("seed", BAD_SEEDS, ids=[repr(s) for s in BAD_SEEDS])
+def test_bad_seed(seed):
+    match = (
+        r"seed must be None or an integer in \[0, 2\*\*32\), got "
+        + re.escape(repr(seed))
+        + r"\. Pass a non-negative int such as seed=0, or seed=None"
+    )
+    _assert_from_layer_fails(
+        LowRankDense, _dense_in_model(), ValueError, match, rank=2, seed=seed
+    )
+    layer = LowRankDense(4, rank=2, name="head")
+    layer.build((None, 3))
+    from keras_lowrank import AdapterSpec
+
+    with pytest.raises(ValueError, match=r"layer 'head': " + match):
+        layer.add_adapter("second", AdapterSpec(rank=1), seed=seed)
+    assert layer.adapter_names == ["default"]
+
+
+def test_adapt_with_a_negative_seed_is_refused_and_changes_nothing():
+    import keras_lowrank
+
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(6), keras.layers.Dense(2)]
+    )
+    with pytest.raises(ValueError, match=r"seed must be None or an integer in "
+                       r"\[0, 2\*\*32\), got -1\. Pass a non-negative int"):
+        keras_lowrank.adapt(model, rank=2, seed=-1)
+    assert [type(x).__name__ for x in model.layers] == ["Dense", "Dense"]
+    keras_lowrank.adapt(model, rank=2, seed=0)  # the fix works
+
+
+def test_unknown_adapter_is_the_one_message():
+    layer = LowRankDense(4, rank=2, name="head")
+    layer.build((None, 3))
+    for call in (
+        lambda: layer.adapter_spec("nope"),
+        lambda: layer.adapter_variables("nope"),
+        lambda: layer.delete_adapter("nope"),
+        lambda: layer.merge(["nope"]),
+        lambda: layer.set_active_adapters(["nope"]),
+    ):
+        with pytest.raises(ValueError, match=r"^keras_lowrank: layer 'head' "
+                           r"has no adapter named 'nope'; it has "
+                           r"\['default'\]\. Use one of those names\.$"):
+            call()

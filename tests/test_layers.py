@@ -117,3 +117,72 @@ def test_mixed_precision(case, construction, policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_mixed_precision_fit(case, policy):
     harness.check_mixed_precision_fit(case, policy)
+
+
+@per_class
+@constructions
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_merge_unmerge_is_exact(case, construction, dtype, tmp_path):
+    harness.check_low_precision_merge(case, construction, dtype, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_model_merge_unmerge_is_exact(dtype, tmp_path):
+    """The same through keras_lowrank.merge/unmerge on a small model, and
+    after a `.keras` round trip while merged."""
+    import keras
+    import numpy as np
+
+    import keras_lowrank
+
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, dtype=dtype, name="hidden"),
+            keras.layers.Dense(2, dtype=dtype, name="out"),
+        ]
+    )
+    keras_lowrank.adapt(model, rank=4, seed=3)
+    layer = model.get_layer("hidden")
+    layer.lowrank_B_default.assign(
+        np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
+    )
+    original = harness.snapshot([layer.kernel])[0]
+    keras_lowrank.merge(model)
+    assert (harness.to_numpy(layer.kernel) != original).any()
+    path = str(tmp_path / "merged.keras")
+    model.save(path)
+    keras_lowrank.unmerge(model)
+    np.testing.assert_array_equal(harness.to_numpy(layer.kernel), original)
+    loaded = keras_lowrank.load_model(path)
+    keras_lowrank.unmerge(loaded)
+    np.testing.assert_array_equal(
+        harness.to_numpy(loaded.get_layer("hidden").kernel), original
+    )
+
+
+def test_low_precision_merged_file_without_backup_still_loads():
+    """A bfloat16 layer saved merged by an earlier version (no
+    `lowrank_unmerged_kernel` in the file) loads, and unmerges to rounding
+    as it always did."""
+    import numpy as np
+
+    from keras_lowrank import LowRankDense
+
+    layer = LowRankDense(6, rank=2, dtype="bfloat16", name="d")
+    layer.build((None, 4))
+    harness.randomize_factors(layer)
+    original = harness.snapshot([layer.kernel])[0].astype("float32")
+    layer.merge()
+    store = {}
+    layer.save_own_variables(store)
+    assert "lowrank_unmerged_kernel" in store
+    del store["lowrank_unmerged_kernel"]
+    twin = LowRankDense.from_config(layer.get_config())
+    twin.build((None, 4))
+    twin.load_own_variables(store)
+    assert twin.merged_adapters == ["default"]
+    twin.unmerge()
+    np.testing.assert_allclose(
+        harness.to_numpy(twin.kernel).astype("float32"), original, atol=0.05
+    )

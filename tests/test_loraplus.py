@@ -195,9 +195,10 @@ def test_errors():
     with pytest.raises(TypeError, match="LoraPlusOptimizer wraps a Keras "
                        "optimizer instance, got 'adam'"):
         LoraPlusOptimizer("adam")
-    for bad in (0, -1, True, "16"):
-        with pytest.raises(ValueError, match="ratio must be a positive "
-                           "number, got .*LoRA\\+ recommends ratio=16."):
+    for bad in (0, -1, True, "16", float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(ValueError, match="ratio must be a finite positive "
+                           "number, got .*Pass a number such as ratio=16 "
+                           "\\(what LoRA\\+ recommends\\)."):
             LoraPlusOptimizer(keras.optimizers.SGD(), ratio=bad)
     inner = keras.optimizers.SGD()
     wrapped = LoraPlusOptimizer(inner)

@@ -53,8 +53,8 @@ def register(case):
 def _leaves(model):
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
-        if not list(layer._flatten_layers(include_self=False))
+        for layer in keras_lowrank.keras_private.all_sublayers(model)
+        if not keras_lowrank.keras_private.all_sublayers(layer)
     ]
 
 

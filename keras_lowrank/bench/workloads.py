@@ -16,6 +16,8 @@ quantized base) register a builder in `WORKLOADS`.
 
 import numpy as np
 
+from keras_lowrank import keras_private
+
 # Target sets understood by every workload here.
 TARGET_SETS = {
     "qv": "attention query and value projections",
@@ -94,7 +96,7 @@ class BertClassifierWorkload:
         kinds = (keras.layers.Dense, keras.layers.EinsumDense)
         return [
             layer
-            for layer in model.backbone._flatten_layers(include_self=False)
+            for layer in keras_private.all_sublayers(model.backbone)
             if isinstance(layer, kinds)
         ]
 

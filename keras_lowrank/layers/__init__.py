@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_lowrank.layers.adapter_set import AdapterSet
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.conv import LowRankConv1D
 from keras_lowrank.layers.conv import LowRankConv2D
@@ -33,6 +34,7 @@ def adapter_class_for(layer):
 
 __all__ = [
     "ADAPTER_CLASSES",
+    "AdapterSet",
     "KernelLayout",
     "LowRankConv1D",
     "LowRankConv2D",

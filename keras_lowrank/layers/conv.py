@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lowrank import keras_private
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
 from keras_lowrank.spec import where
@@ -19,37 +20,10 @@ class _LowRankConv(LowRankLayer):
     kernel's matrix form.
     """
 
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        rank=8,
-        alpha=None,
-        scaling="standard",
-        dropout=0.0,
-        method="lora",
-        init="default",
-        bias="none",
-        adapter_name="default",
-        adapters=None,
-        active_adapters=None,
-        merged_adapters=None,
-        **kwargs,
-    ):
+    def __init__(self, filters, kernel_size, adapter=None, **kwargs):
+        options, state = self.split_adapter_options(kwargs)
         super().__init__(filters, kernel_size, **kwargs)
-        self._init_adapters(
-            rank,
-            alpha,
-            scaling,
-            dropout,
-            method,
-            init,
-            bias,
-            adapter_name,
-            adapters,
-            active_adapters,
-            merged_adapters,
-        )
+        self._init_adapters(adapter, options, state)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -59,7 +33,7 @@ class _LowRankConv(LowRankLayer):
         if self.padding == "causal":
             # Conv1D implements "causal" by left-padding the input and then
             # convolving with "valid" padding; both paths share the padding.
-            inputs = ops.pad(inputs, self._compute_causal_padding())
+            inputs = ops.pad(inputs, keras_private.causal_padding(self))
         return super().call(inputs, training=training)
 
     @classmethod
@@ -72,7 +46,8 @@ class _LowRankConv(LowRankLayer):
             )
 
     def _base_variables(self):
-        return [self._kernel] + ([self.bias] if self.use_bias else [])
+        kernel = keras_private.kernel_of(self)
+        return [kernel] + ([self.bias] if self.use_bias else [])
 
     def _save_base_variables(self, store):
         # keras's convolutions save *all* their variables by index, which
@@ -105,17 +80,12 @@ class _LowRankConv(LowRankLayer):
 
     @classmethod
     def kernel_layout(cls, layer):
-        ndim = len(layer._kernel.shape)
-        return KernelLayout(
-            layer._kernel.shape, (), tuple(range(ndim - 1)), (ndim - 1,)
-        )
-
-    @classmethod
-    def kernel_variable(cls, layer):
-        return layer._kernel
+        shape = keras_private.kernel_of(layer).shape
+        ndim = len(shape)
+        return KernelLayout(shape, (), tuple(range(ndim - 1)), (ndim - 1,))
 
     def _base_output(self, inputs):
-        return self._conv(inputs, self._kernel)
+        return self._conv(inputs, keras_private.kernel_of(self))
 
     def _finish_output(self, outputs):
         if self.use_bias:
@@ -154,8 +124,10 @@ _CONV_DOC = """A `keras.layers.Conv{n}D` with low-rank adapters.
     Args:
         filters: number of output channels, as for `keras.layers.Conv{n}D`.
         kernel_size: window size, as for `keras.layers.Conv{n}D`.
-        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
-            the adapter's options (see `LowRankDense`).
+        adapter: the adapter's options as one `AdapterSpec`; or give
+            them as the keywords `rank`, `alpha`, `scaling`, `dropout`,
+            `method`, `init`, `bias` (not both; see `LowRankDense`).
+        adapter_name: name of the adapter created in `build`.
         adapters, active_adapters, merged_adapters: the saved adapter state.
         **kwargs: every other `keras.layers.Conv{n}D` argument.
 

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank import keras_private
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
@@ -20,7 +21,10 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     Args:
         units: output size, as for `keras.layers.Dense`.
-        rank: rank `r` of the update (`1 <= r <= min(d, k)`).
+        adapter: the adapter's options as one `AdapterSpec`
+            (`adapter=AdapterSpec(rank=8, alpha=16)`); or give them as the
+            keywords below (not both).
+        rank: rank `r` of the update (`1 <= r <= min(d, k)`; default 8).
         alpha: scaling numerator; defaults to `rank`.
         scaling: `"standard"` (`alpha/r`) or `"rslora"` (`alpha/sqrt(r)`).
         dropout: dropout rate on the adapter's input.
@@ -50,36 +54,10 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     base_class = keras.layers.Dense
 
-    def __init__(
-        self,
-        units,
-        rank=8,
-        alpha=None,
-        scaling="standard",
-        dropout=0.0,
-        method="lora",
-        init="default",
-        bias="none",
-        adapter_name="default",
-        adapters=None,
-        active_adapters=None,
-        merged_adapters=None,
-        **kwargs,
-    ):
+    def __init__(self, units, adapter=None, **kwargs):
+        options, state = self.split_adapter_options(kwargs)
         super().__init__(units, **kwargs)
-        self._init_adapters(
-            rank,
-            alpha,
-            scaling,
-            dropout,
-            method,
-            init,
-            bias,
-            adapter_name,
-            adapters,
-            active_adapters,
-            merged_adapters,
-        )
+        self._init_adapters(adapter, options, state)
 
     _folds_in_inference = True
 
@@ -89,17 +67,14 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
 
     @classmethod
     def kernel_layout(cls, layer):
-        shape = quantized.logical_kernel_shape(layer, layer._kernel)
+        kernel = keras_private.kernel_of(layer)
+        shape = quantized.logical_kernel_shape(layer, kernel)
         return KernelLayout(shape, (), (0,), (1,))
-
-    @classmethod
-    def kernel_variable(cls, layer):
-        return layer._kernel
 
     def _base_output(self, inputs):
         if self.quantization_mode is not None:
             return quantized.base_output(self, inputs)
-        return ops.matmul(inputs, self._kernel)
+        return ops.matmul(inputs, keras_private.kernel_of(self))
 
     def _kernel_output(self, inputs, kernel):
         return ops.matmul(inputs, kernel)

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank import keras_private
 from keras_lowrank.layers import einsum_factorization
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
@@ -23,8 +24,10 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     Args:
         equation: the einsum equation, as for `keras.layers.EinsumDense`.
         output_shape: as for `keras.layers.EinsumDense`.
-        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
-            the adapter's options (see `LowRankDense`).
+        adapter: the adapter's options as one `AdapterSpec`; or give
+            them as the keywords `rank`, `alpha`, `scaling`, `dropout`,
+            `method`, `init`, `bias` (not both; see `LowRankDense`).
+        adapter_name: name of the adapter created in `build`.
         adapters, active_adapters, merged_adapters: the saved adapter state
             (used when loading).
         **kwargs: every other `keras.layers.EinsumDense` argument.
@@ -43,37 +46,10 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
 
     base_class = keras.layers.EinsumDense
 
-    def __init__(
-        self,
-        equation,
-        output_shape,
-        rank=8,
-        alpha=None,
-        scaling="standard",
-        dropout=0.0,
-        method="lora",
-        init="default",
-        bias="none",
-        adapter_name="default",
-        adapters=None,
-        active_adapters=None,
-        merged_adapters=None,
-        **kwargs,
-    ):
+    def __init__(self, equation, output_shape, adapter=None, **kwargs):
+        options, state = self.split_adapter_options(kwargs)
         super().__init__(equation, output_shape, **kwargs)
-        self._init_adapters(
-            rank,
-            alpha,
-            scaling,
-            dropout,
-            method,
-            init,
-            bias,
-            adapter_name,
-            adapters,
-            active_adapters,
-            merged_adapters,
-        )
+        self._init_adapters(adapter, options, state)
 
     _folds_in_inference = True
 
@@ -94,17 +70,15 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
     def kernel_layout(cls, layer):
         factorization = einsum_factorization.factorize(layer.equation, layer.path)
         return factorization.layout(
-            quantized.logical_kernel_shape(layer, layer._kernel)
+            quantized.logical_kernel_shape(
+                layer, keras_private.kernel_of(layer)
+            )
         )
-
-    @classmethod
-    def kernel_variable(cls, layer):
-        return layer._kernel
 
     def _base_output(self, inputs):
         if self.quantization_mode is not None:
             return quantized.base_output(self, inputs)
-        return ops.einsum(self.equation, inputs, self._kernel)
+        return ops.einsum(self.equation, inputs, keras_private.kernel_of(self))
 
     def _kernel_output(self, inputs, kernel):
         return ops.einsum(self.equation, inputs, kernel)

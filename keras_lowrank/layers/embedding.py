@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lowrank import keras_private
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
 from keras_lowrank.layers.layout import KernelLayout
@@ -31,8 +32,10 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
     Args:
         input_dim: vocabulary size, as for `keras.layers.Embedding`.
         output_dim: embedding size.
-        rank, alpha, scaling, dropout, method, init, bias, adapter_name:
-            the adapter's options (see `LowRankDense`).
+        adapter: the adapter's options as one `AdapterSpec`; or give
+            them as the keywords `rank`, `alpha`, `scaling`, `dropout`,
+            `method`, `init`, `bias` (not both; see `LowRankDense`).
+        adapter_name: name of the adapter created in `build`.
         adapters, active_adapters, merged_adapters: the saved adapter state.
         **kwargs: every other `keras.layers.Embedding` argument.
 
@@ -52,37 +55,10 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
 
     base_class = keras.layers.Embedding
 
-    def __init__(
-        self,
-        input_dim,
-        output_dim,
-        rank=8,
-        alpha=None,
-        scaling="standard",
-        dropout=0.0,
-        method="lora",
-        init="default",
-        bias="none",
-        adapter_name="default",
-        adapters=None,
-        active_adapters=None,
-        merged_adapters=None,
-        **kwargs,
-    ):
+    def __init__(self, input_dim, output_dim, adapter=None, **kwargs):
+        options, state = self.split_adapter_options(kwargs)
         super().__init__(input_dim, output_dim, **kwargs)
-        self._init_adapters(
-            rank,
-            alpha,
-            scaling,
-            dropout,
-            method,
-            init,
-            bias,
-            adapter_name,
-            adapters,
-            active_adapters,
-            merged_adapters,
-        )
+        self._init_adapters(adapter, options, state)
 
     def build(self, input_shape=None):
         if self.built:
@@ -101,12 +77,9 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
 
     @classmethod
     def kernel_layout(cls, layer):
-        shape = quantized.logical_kernel_shape(layer, layer._embeddings)
+        kernel = keras_private.kernel_of(layer)
+        shape = quantized.logical_kernel_shape(layer, kernel)
         return KernelLayout(shape, (), (0,), (1,))
-
-    @classmethod
-    def kernel_variable(cls, layer):
-        return layer._embeddings
 
     def _data_free_factors(self, spec, layout, seed):
         stddev = 1.0 if spec.init == "default" else 1.0 / spec.rank
@@ -127,7 +100,7 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
     def _base_output(self, inputs):
         if self.quantization_mode is not None:
             return quantized.base_output(self, inputs)
-        outputs = ops.take(self._embeddings, self._ids(inputs), axis=0)
+        outputs = ops.take(keras_private.kernel_of(self), self._ids(inputs), axis=0)
         return ops.cast(outputs, self.compute_dtype)
 
     def _finish_output(self, outputs):

@@ -58,6 +58,32 @@ class KernelLayout:
         """The largest rank a factorisation of this kernel can have."""
         return min(self.d, self.k)
 
+    def check_rank(self, rank, path=None, fix=""):
+        """Raises unless `1 <= rank <= min(d, k)`: the one rank rule.
+
+        Args:
+            rank: the adapter's rank (a positive int, checked by the spec).
+            path: the layer, for the message.
+            fix: more advice appended to the message (", or a rank_pattern
+                for this layer").
+
+        Example:
+
+        >>> KernelLayout((5, 6), (), (0,), (1,)).check_rank(6, "dense")
+        Traceback (most recent call last):
+        ...
+        ValueError: keras_lowrank: layer 'dense': rank 6 is larger than min(d, k) = min(5, 6) = 5 for this kernel (5, 6), so it is not low-rank. Use a rank of at most 5.
+        """
+        from keras_lowrank.spec import where
+
+        if rank > self.max_rank:
+            raise ValueError(
+                f"{where(path)}: rank {rank} is larger than min(d, k) = "
+                f"min({self.d}, {self.k}) = {self.max_rank} for this kernel "
+                f"{self.kernel_shape}, so it is not low-rank. Use a rank of "
+                f"at most {self.max_rank}{fix}."
+            )
+
     @property
     def unit_shape(self):
         """One entry per output unit: the shape of DoRA's magnitude."""

@@ -30,6 +30,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_lowrank import keras_private
 from keras_lowrank.spec import where
 
 SUPPORTED_MODES = ("int8", "int4")
@@ -129,7 +130,10 @@ def logical_kernel_shape(layer, kernel):
         return tuple(layer.original_kernel_shape)
     if isinstance(layer, keras.layers.Embedding):
         return (layer.input_dim, layer.output_dim)
-    return (layer._orig_input_dim, layer._orig_output_dim)
+    return (
+        keras_private.quantization_attr(layer, "_orig_input_dim"),
+        keras_private.quantization_attr(layer, "_orig_output_dim"),
+    )
 
 
 # --- forward ------------------------------------------------------------------
@@ -162,7 +166,7 @@ def base_output(layer, inputs):
     """
     mode = layer.quantization_mode
     check_mode(mode, layer.path, "run an adapter on a layer quantized with")
-    keras_call = getattr(type(layer).base_class, f"_{mode}_call")
+    keras_call = keras_private.quantized_call(type(layer).base_class, mode)
     return keras_call(_WithoutBiasAndActivation(layer), inputs)
 
 
@@ -204,13 +208,18 @@ def _grouped(q, scale, zero, g_idx, axis):
 
 
 def _per_channel(layer):
-    return getattr(layer, "_int4_block_size", None) in (None, -1)
+    block = keras_private.quantization_attr(layer, "_int4_block_size")
+    return block in (None, -1)
+
+
+def _orig_output_dim(layer):
+    return keras_private.quantization_attr(layer, "_orig_output_dim")
 
 
 def _dequantize_dense(layer, mode):
-    q = layer._kernel
+    q = keras_private.kernel_of(layer)
     if mode == "int4":
-        q = keras.quantizers.unpack_int4(q, layer._orig_output_dim, axis=-1)
+        q = keras.quantizers.unpack_int4(q, _orig_output_dim(layer), axis=-1)
         if not _per_channel(layer):
             return _grouped(
                 q, layer.kernel_scale, layer.kernel_zero, layer.g_idx, 0
@@ -220,10 +229,13 @@ def _dequantize_dense(layer, mode):
 
 def _dequantize_einsum(layer, mode):
     if mode == "int8":
-        scale = layer._adjust_scale_for_dequant(layer.kernel_scale)
-        return ops.divide(ops.cast(layer._kernel, "float32"), scale)
+        scale = keras_private.einsum_dequant_scale(layer, layer.kernel_scale)
+        kernel = keras_private.kernel_of(layer)
+        return ops.divide(ops.cast(kernel, "float32"), scale)
     q = keras.quantizers.unpack_int4(
-        layer._kernel, layer._int4_unpacked_column_size, axis=-1
+        keras_private.kernel_of(layer),
+        keras_private.quantization_attr(layer, "_int4_unpacked_column_size"),
+        axis=-1,
     )
     if _per_channel(layer):
         flat = ops.divide(ops.cast(q, "float32"), layer.kernel_scale)
@@ -233,9 +245,9 @@ def _dequantize_einsum(layer, mode):
 
 
 def _dequantize_embedding(layer, mode):
-    q = layer._embeddings
+    q = keras_private.kernel_of(layer)
     if mode == "int4":
-        q = keras.quantizers.unpack_int4(q, layer._orig_output_dim, axis=-1)
+        q = keras.quantizers.unpack_int4(q, _orig_output_dim(layer), axis=-1)
         if not _per_channel(layer):
             return _grouped(
                 q,
@@ -270,11 +282,11 @@ def dequantize(layer):
         return None, None
     requantize_as = (mode, _config_for_requantize(layer, mode))
     value = dequantized_kernel(layer)
-    attr, name = _kernel_attr(layer)
+    _, name = keras_private.kernel_attr(layer)
     source = effective_policy(layer).get_config().get("source_name")
     float_policy = keras.dtype_policies.get(source or "float32")
-    with layer._unlocked_scope():
-        delattr(layer, attr)
+    with layer._lowrank.unlocked():
+        delattr(layer, keras_private.kernel_attr(layer)[0])
         for extra in _QUANTIZED_ATTRS:
             if isinstance(getattr(layer, extra, None), keras.Variable):
                 delattr(layer, extra)
@@ -285,20 +297,13 @@ def dequantize(layer):
             dtype=float_policy.variable_dtype,
             trainable=False,
         )
-        setattr(layer, attr, kernel)
+        keras_private.set_kernel(layer, kernel)
     kernel.assign(ops.cast(value, kernel.dtype))
-    layer._is_quantized = False
+    keras_private.mark_unquantized(layer)
     layer.quantization_config = None
     layer.dtype_policy = float_policy
     _retrack(layer)
     return requantize_as
-
-
-def _kernel_attr(layer):
-    """`(attribute, variable name)` of the layer's kernel."""
-    if isinstance(layer, keras.layers.Embedding):
-        return "_embeddings", "embeddings"
-    return "_kernel", "kernel"
 
 
 def _config_for_requantize(layer, mode):
@@ -324,8 +329,7 @@ def _retrack(layer):
     # On the torch backend Keras keeps a parameter list per layer; it is
     # rebuilt after variables are swapped (Keras does the same after
     # `model.quantize`).
-    if keras.backend.backend() == "torch":
-        layer._track_variables()
+    keras_private.retrack_variables(layer)
 
 
 def requantization_error(float_kernel, layer):
@@ -352,7 +356,7 @@ def install_layer_hook(layer):
     Keras's wrapper run with `type_check=False` (the quantization itself is
     Keras's), then refreshes which variables train.
     """
-    keras_quantize = layer.__dict__.get("quantize")
+    keras_quantize = keras_private.instance_quantize(layer)
     if keras_quantize is None or hasattr(keras_quantize, "_keras_lowrank"):
         return
 
@@ -368,7 +372,7 @@ def install_layer_hook(layer):
 
 def remove_layer_hook(layer):
     """Gives `layer` back Keras's own `quantize` wrapper."""
-    hook = layer.__dict__.get("quantize")
+    hook = keras_private.instance_quantize(layer)
     if hook is not None and hasattr(hook, "_keras_lowrank"):
         layer.quantize = hook._keras_lowrank
 
@@ -385,7 +389,7 @@ def install_model_hook(model, adapted_layers):
         model: the adapted model.
         adapted_layers: a function returning the model's adapter layers.
     """
-    keras_quantize = model.__dict__.get("quantize")
+    keras_quantize = keras_private.instance_quantize(model)
     if keras_quantize is None or hasattr(keras_quantize, "_keras_lowrank"):
         return
 
@@ -475,7 +479,7 @@ def requantize_merged(dequantized):
     """
     errors = {}
     for layer, mode, config in dequantized:
-        merged = ops.convert_to_tensor(getattr(layer, _kernel_attr(layer)[0]))
+        merged = ops.convert_to_tensor(keras_private.kernel_of(layer))
         path = layer.path
         requantize(layer, mode, config)
         errors[path] = (mode,) + requantization_error(merged, layer)

@@ -65,7 +65,7 @@ def create_adapter_variable(layer, key, name, shape, trainable, kernel_layout):
     """Creates one float32 adapter variable (zeros, never autocast) under
     its layout.
 
-    Must be called inside the layer's `_unlocked_scope` (which sets the name
+    Must be called inside `layer._lowrank.unlocked()` (which sets the name
     scope, so the path is `<layer.path>/<name>`); the caller assigns it to a
     layer attribute, which tracks it.
     """

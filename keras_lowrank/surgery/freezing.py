@@ -18,6 +18,7 @@ import warnings
 
 import keras
 
+from keras_lowrank import keras_private
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.surgery.walk import own_weights
@@ -91,7 +92,7 @@ def refresh_torch_parameters(model):
     if keras.backend.backend() != "torch":
         return
     for layer in [model] + [visit.layer for visit in walk(model)]:
-        layer._track_variables()
+        keras_private.retrack_variables(layer)
 
 
 

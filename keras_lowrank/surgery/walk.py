@@ -18,6 +18,8 @@ import dataclasses
 
 import keras
 
+from keras_lowrank import keras_private
+
 
 @dataclasses.dataclass(frozen=True)
 class Visit:
@@ -37,7 +39,7 @@ class Visit:
 
 def sublayers(layer):
     """Direct sublayers of `layer`, in tracking order."""
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+    return keras_private.direct_sublayers(layer)
 
 
 def walk(model):
