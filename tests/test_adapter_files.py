@@ -636,3 +636,200 @@ def test_a_minilm_adapter_file_is_under_one_percent_of_the_base(minilm, tmp_path
         np.testing.assert_allclose(run(model, x), expected, atol=1e-6)
     finally:
         kl.unload(model)
+
+
+# --- the header: checksums, a tampered config, the written file -------------------
+
+
+def _tamper(source, target, change):
+    """Writes `source` again with its config JSON edited by `change`,
+    keeping the original config checksum (a hand edit)."""
+    with open(source, "rb") as file:
+        data = file.read()
+    metadata, tensors = safetensors_io.load_tensors(source, data=data)
+    config = json.loads(metadata[adapter_format.METADATA_KEY])
+    change(config)
+    metadata[adapter_format.METADATA_KEY] = json.dumps(config)
+    safetensors.numpy.save_file(tensors, target, metadata=metadata)
+    return target
+
+
+def test_an_edited_alpha_is_refused(saved, tmp_path):
+    _, path = saved
+
+    def more_alpha(config):
+        config["adapter"]["alpha"] = 30.0
+        for entry in config["layers"].values():
+            entry["spec"]["alpha"] = 30.0
+
+    bad = _tamper(path, str(tmp_path / "edited.safetensors"), more_alpha)
+    model = mlp()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}' cannot be read: its config does not match the "
+        "config checksum in its header. It is truncated, corrupt, edited by "
+        "hand or not an adapter file"
+    )):
+        kl.load_adapter(model, bad)
+    assert_same_snapshot(before, model_snapshot(model))
+    with pytest.raises(ValueError, match="does not match the config checksum"):
+        kl.read_adapter_config(bad)
+    # The header without its checksum entry: the same refusal.
+    metadata, tensors = safetensors_io.load_tensors(path)
+    del metadata[adapter_format.CHECKSUM_KEY]
+    safetensors.numpy.save_file(tensors, bad, metadata=metadata)
+    with pytest.raises(ValueError, match="does not match the config checksum"):
+        kl.load_adapter(model, bad)
+
+
+def _drop(*keys):
+    def change(config):
+        target = config
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+
+    return change
+
+
+MALFORMED = {
+    # name: (change, the problem the message names)
+    "layers a list": (_set("layers", []), "'layers' is a list, not a dict"),
+    "no siblings": (_drop("siblings"), "it has no 'siblings' entry"),
+    "no name": (_drop("name"), "it has no 'name' entry"),
+    "layer entry a string": (
+        lambda c: c["layers"].__setitem__("d1", "x"), "layers['d1'] is a str, not an object"
+    ),
+    "no spec": (_drop("layers", "d1", "spec"), "layers['d1'] has no dict 'spec'"),
+    "tensor without shape": (
+        _drop("layers", "d1", "tensors", "A", "shape"),
+        "layers['d1']['tensors']['A'] has no list 'shape'",
+    ),
+    "bad kernel shape": (
+        lambda c: c["layers"]["d1"].__setitem__("kernel_shape", ["8", 16]),
+        "layers['d1']['kernel_shape'] is not a list of sizes",
+    ),
+    "kept not paths": (_set("kept", [1]), "'kept' is not a list of layer paths"),
+    "owned entry": (
+        lambda c: c["owned"].__setitem__("out/kernel", None),
+        "owned['out/kernel'] is a NoneType, not an object",
+    ),
+    "siblings": (
+        lambda c: c["siblings"].__setitem__("", [["d1"]]),
+        "siblings[''] is not a list of [name, class] pairs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_config_names_the_file_and_the_problem(saved, tmp_path, case):
+    """Even with valid checksums (a foreign or buggy writer), a broken
+    config is a ValueError naming the file, not a KeyError."""
+    _, path = saved
+    change, problem = MALFORMED[case]
+    bad = rewrite(path, str(tmp_path / "bad.safetensors"), change)
+    model = _adapted_target()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}' cannot be read: its config is malformed: {problem}."
+    )):
+        kl.load_adapter(model, bad)
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_an_unreadable_spec_names_the_file_and_the_layer(saved, tmp_path):
+    _, path = saved
+    bad = rewrite(
+        path, str(tmp_path / "bad.safetensors"),
+        lambda c: c["layers"]["d1"]["spec"].__setitem__("rank", "two"),
+    )
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}': layer 'd1': its options cannot be read ("
+    )):
+        kl.load_adapter(mlp(), bad)
+
+
+def test_version_1_files_are_refused_with_the_reason(saved, tmp_path):
+    _, path = saved
+    bad = rewrite(path, str(tmp_path / "old.safetensors"), _set("format_version", 1))
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}' has format version 1 (keras_lowrank 0.1), whose "
+        "config carries no checksum"
+    )):
+        kl.load_adapter(mlp(), bad)
+
+
+def test_saving_into_a_missing_folder_names_the_path(tmp_path):
+    model = trained()
+    path = str(tmp_path / "no" / "such" / "task.safetensors")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        f"cannot write adapter file '{path}': the folder "
+        f"'{tmp_path / 'no' / 'such'}' does not exist. Create the folder "
+        "first, or save the adapter elsewhere."
+    )):
+        kl.save_adapter(model, path)
+    assert not os.path.exists(tmp_path / "no")
+
+
+def test_new_files_honour_the_umask_and_old_ones_keep_their_mode(tmp_path):
+    model = trained()
+    path = str(tmp_path / "task.safetensors")
+    old = os.umask(0o027)
+    try:
+        kl.save_adapter(model, path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    os.chmod(path, 0o604)
+    kl.save_adapter(model, path)
+    assert os.stat(path).st_mode & 0o777 == 0o604
+
+
+def test_saving_through_a_symlink_writes_its_target(tmp_path):
+    model = trained()
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "task.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    kl.save_adapter(model, str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert kl.read_adapter_config(str(target))["name"] == "task"
+    assert sorted(os.listdir(tmp_path / "store")) == ["task.safetensors"]
+    # A dangling link: its target is created.
+    target.unlink()
+    kl.save_adapter(model, str(link))
+    assert link.is_symlink() and kl.read_adapter_config(str(target))["name"] == "task"
+
+
+# --- arguments --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, 3, b"task.safetensors", ["task.safetensors"]])
+def test_a_path_that_is_not_a_path_is_a_type_error(saved, value):
+    model, _ = saved
+    kind = type(value).__name__
+    with pytest.raises(TypeError, match=re.escape(
+        f"save_adapter(model, path): `path` must be a file path (a str or "
+        f"os.PathLike), not {kind} {value!r}. Pass the file's name, e.g. "
+        "save_adapter(..., 'task.safetensors')."
+    )):
+        kl.save_adapter(model, value)
+    with pytest.raises(TypeError, match=re.escape(
+        f"load_adapter(model, path): `path` must be a file path (a str or os.PathLike), not {kind}"
+    )):
+        kl.load_adapter(mlp(), path=value)
+    with pytest.raises(TypeError, match=re.escape(
+        f"read_adapter_config(path): `path` must be a file path (a str or os.PathLike), not {kind}"
+    )):
+        kl.read_adapter_config(value)
+
+
+def test_pathlib_paths_work(saved, tmp_path):
+    import pathlib
+
+    model, _ = saved
+    path = pathlib.Path(tmp_path) / "p.safetensors"
+    assert kl.save_adapter(model, path) == path
+    assert kl.read_adapter_config(path)["name"] == "task"
+    np.testing.assert_allclose(run(kl.load_adapter(base(), path)), run(model), atol=1e-6)

@@ -210,12 +210,13 @@ def adopt(model):
     `model` holds an adapter.
 
     The state is rebuilt from what the layers record: each adapter's options
-    and layers, which adapters are active, and which layers train fully
-    (kept by every adapter). What only the model recorded is not part of a
-    clone, as with any `clone_model` copy: an adapter's own copies of the
-    weights it does not hold right now, and which layers were frozen before
-    `adapt` (`unload` of a clone unfreezes every layer). Pickle the model,
-    or save and reload it, for a copy with everything.
+    and layers, and which adapters are active. Adapters that keep their own
+    copies of weights (a task head in `trainable=[...]`, biases under
+    `bias="lora_only"` or `"all"`) cannot be rebuilt, since a clone has no
+    such copies: that is a `ValueError` (for a Functional model, from
+    `clone_model` itself) saying to pickle the model or save and reload it,
+    which copy everything. (`unload` of a clone unfreezes every layer: which
+    layers were frozen before `adapt` is not part of a clone either.)
 
     Args:
         model: a model, e.g. `keras.models.clone_model(adapted_model)`.
@@ -245,7 +246,6 @@ def adopt(model):
     from keras_lowrank.surgery.walk import sublayers
     from keras_lowrank.surgery.walk import walk
 
-    state = ModelState()
     kept = [
         visit.path
         for visit in walk(model)
@@ -254,16 +254,33 @@ def adopt(model):
         and visit.layer.trainable
         and visit.layer.weights
     ]
+    biased = [
+        visit.path
+        for visit in visits
+        for name in visit.layer.adapter_names
+        if visit.layer.adapter_spec(name).bias != "none"
+    ]
+    if kept or biased:
+        raise ValueError(
+            f"keras_lowrank: model '{model.name}' is a copy of an adapted model "
+            "made by keras.models.clone_model, and its adapters keep their own "
+            f"copies of the weights of {sorted(set(kept + biased))}, which a "
+            "clone does not carry. Copy the model with "
+            "pickle.loads(pickle.dumps(model)), or save and reload it "
+            "(model.save('m.keras'); keras_lowrank.load_model('m.keras'))."
+        )
+    state = ModelState()
     for visit in visits:
         layer = visit.layer
         for name in layer.adapter_names:
             spec = layer.adapter_spec(name).get_config()
             options = state.options.setdefault(name, {
                 **{k: spec[k] for k in ("rank", "alpha", "scaling", "method",
-                                        "init", "dropout", "bias") if k in spec},
+                                        "init", "dropout") if k in spec},
+                "bias": "none",
                 "targets": [], "exclude": None, "trainable": None,
                 "rank_pattern": {}, "alpha_pattern": {},
-                "layers": [], "kept": list(kept), "owned": [],
+                "layers": [], "kept": [], "owned": [],
             })
             options["layers"].append(visit.path)
             options["targets"].append(visit.path)
