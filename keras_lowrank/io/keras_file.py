@@ -235,7 +235,7 @@ def adopt(model):
     >>> adopt(clone).active
     ['task']
     """
-    state = state_of(model, required=False)
+    state = getattr(model, "_keras_lowrank", None)  # not state_of: it may call adopt
     if state is not None:
         return state
     visits = adapted_visits(model)

@@ -45,6 +45,23 @@ def manifest(model):
 
     Returns:
         A dict of JSON types only.
+
+    Example:
+
+    >>> import keras, keras_lowrank
+    >>> from keras_lowrank.io.manifest import check, manifest
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4),
+    ...                           keras.layers.Dense(2)])
+    >>> _ = keras_lowrank.adapt(model, rank=2, name="task")
+    >>> m = manifest(model)
+    >>> m["format"], m["active"]
+    (2, ['task'])
+    >>> check(m)  # what loading checks first
+    >>> m["active"] = ["other"]
+    >>> check(m)
+    Traceback (most recent call last):
+    ...
+    keras_lowrank.io.manifest.ManifestError: keras_lowrank: the adapter manifest of this .keras file does not match its checksum: the file was edited or is corrupt. Save the model again from the original.
     """
     state = state_of(model)
     layers = {}
@@ -145,7 +162,11 @@ def restore(model, manifest_):
 
 def check(manifest_):
     """Raises `ManifestError` unless `manifest_` is a readable manifest whose
-    checksum (format 2) matches."""
+    checksum (format 2) matches (example: see `manifest`).
+
+    Args:
+        manifest_: a manifest as read from a `.keras` file.
+    """
     if not isinstance(manifest_, dict):
         raise _malformed(f"it is a {type(manifest_).__name__}, not an object")
     version = manifest_.get("format")
