@@ -811,8 +811,8 @@ def test_a_path_that_is_not_a_path_is_a_type_error(saved, value):
     kind = type(value).__name__
     with pytest.raises(TypeError, match=re.escape(
         f"save_adapter(model, path): `path` must be a file path (a str or "
-        f"os.PathLike), not {kind} {value!r}. Pass the file's name, e.g. "
-        "save_adapter(..., 'task.safetensors')."
+        f"os.PathLike), not {kind} {value!r}. Pass the file's name as a str "
+        "or pathlib.Path, e.g. 'task.safetensors'."
     )):
         kl.save_adapter(model, value)
     with pytest.raises(TypeError, match=re.escape(
@@ -833,3 +833,28 @@ def test_pathlib_paths_work(saved, tmp_path):
     assert kl.save_adapter(model, path) == path
     assert kl.read_adapter_config(path)["name"] == "task"
     np.testing.assert_allclose(run(kl.load_adapter(base(), path)), run(model), atol=1e-6)
+
+
+def test_safetensors_io_writes_with_a_writer_and_leaves_nothing_on_failure(tmp_path):
+    """The shared module's API (PEFT folders will use it too)."""
+    path = str(tmp_path / "t.safetensors")
+    safetensors_io.save_tensors(path, {"w": np.arange(3, dtype="float32")}, {"k": "v"})
+    metadata, tensors = safetensors_io.load_tensors(path)
+    assert metadata == {"k": "v"} and tensors["w"].tolist() == [0.0, 1.0, 2.0]
+    text = str(tmp_path / "note.txt")
+    safetensors_io.write_file_atomically(text, lambda file: file.write(b"first"))
+
+    def broken(file):
+        file.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        safetensors_io.write_file_atomically(text, broken)
+    with open(text, "rb") as file:
+        assert file.read() == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["note.txt", "t.safetensors"]
+    with pytest.raises(ValueError, match=re.escape(
+        f"safetensors file '{text}' cannot be read: it holds 5 bytes, fewer "
+        "than a header. It is truncated, corrupt or not a safetensors file."
+    )):
+        safetensors_io.load_tensors(text)

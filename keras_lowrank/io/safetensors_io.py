@@ -60,7 +60,7 @@ def check_path(path, argument, call):
     raise TypeError(
         f"keras_lowrank: {call}: `{argument}` must be a file path (a str or "
         f"os.PathLike), not {type(path).__name__} {path!r}. Pass the file's "
-        f"name, e.g. {call.split('(')[0]}(..., 'task.safetensors')."
+        "name as a str or pathlib.Path, e.g. 'task.safetensors'."
     )
 
 
