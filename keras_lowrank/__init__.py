@@ -23,7 +23,7 @@ from keras_lowrank.lifecycle import merge
 from keras_lowrank.lifecycle import set_adapter
 from keras_lowrank.lifecycle import unmerge
 from keras_lowrank.loraplus import LoraPlusOptimizer
-from keras_lowrank.state.model_state import load_model
+from keras_lowrank.io.keras_file import load_model
 from keras_lowrank.report import AdapterReport
 from keras_lowrank.report import report
 from keras_lowrank.spec import AdapterSpec

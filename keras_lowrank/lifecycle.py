@@ -18,7 +18,7 @@ from keras_lowrank.state import owned
 from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.state.model_state import adapted_layers
 from keras_lowrank.state.model_state import state_of
-from keras_lowrank.state.model_state import unmark_adapted
+from keras_lowrank.io.keras_file import unmark_adapted
 
 
 def merge(model, quantized="error"):

@@ -101,7 +101,7 @@ def test_unload_returns_plain_layers_with_equal_outputs(kind):
     keras_lowrank.unload(model)
     assert not adapted_layers(model)
     assert type(model).__module__.split(".")[0] != "keras_lowrank"
-    assert not isinstance(model, keras_lowrank.state.model_state.AdaptedModel)
+    assert not isinstance(model, keras_lowrank.io.keras_file.AdaptedModel)
     np.testing.assert_allclose(model_kinds.outputs(model, x), adapted, atol=1e-5)
     assert all(w.trainable for w in model.trainable_weights)
     assert len(model.trainable_weights) == len(model.weights) - len(

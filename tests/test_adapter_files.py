@@ -23,6 +23,8 @@ from _lifecycle_helpers import to_np
 
 import keras_lowrank as kl
 from keras_lowrank.io import adapter_files
+from keras_lowrank.io import adapter_format
+from keras_lowrank.io import safetensors_io
 
 X = np.random.default_rng(1).normal(size=(5, 8)).astype("float32")
 
@@ -170,18 +172,98 @@ def test_layers_keras_numbered_differently_are_found(tmp_path):
         second.backbone.name + "/"
     )
 
-    # Several candidates: no guessing.
+    # The same layers in the same order, other numbers: positions say which
+    # layer is which.
     plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
     kl.adapt(plain, rank=2, targets=[plain.layers[0].name])
+    randomize(plain)
     kl.save_adapter(plain, path)
     other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
-    before = model_snapshot(other)
+    assert other.layers[0].name != plain.layers[0].name
+    kl.load_adapter(other, path)
+    assert [type(layer).__name__ for layer in other.layers] == ["LowRankDense", "Dense"]
+    np.testing.assert_array_equal(
+        to_np(other.layers[0].lowrank_B_default), to_np(plain.layers[0].lowrank_B_default)
+    )
+
+
+def _bert_backbone(num_layers):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=num_layers, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=8, name="bert_backbone",
+    )
+
+
+def test_a_file_for_another_layer_of_a_deeper_bert_is_refused(tmp_path):
+    """`transformer_layer_3` is a name KerasHub chose, not a Keras number:
+    it never matches `transformer_layer_0` of a shallower model."""
+    deep = _bert_backbone(4)
+    kl.adapt(deep, rank=2, targets=["transformer_layer_3/self_attention_layer/query"])
+    path = str(tmp_path / "layer3.safetensors")
+    kl.save_adapter(deep, path)
+    shallow = _bert_backbone(1)
+    before = model_snapshot(shallow)
     with pytest.raises(ValueError, match=re.escape(
-        "could be any of ['dense_2', 'dense_3']: Keras numbered these "
-        "automatically; give the layers explicit names)"
+        f"adapter file '{path}' does not fit model 'bert_backbone': model "
+        "'bert_backbone' has no layer "
+        "'transformer_layer_3/self_attention_layer/query'"
     )):
-        kl.load_adapter(other, path)
-    assert_same_snapshot(before, model_snapshot(other))
+        kl.load_adapter(shallow, path)
+    assert_same_snapshot(before, model_snapshot(shallow))
+    # Every path that matches nothing is named, not only the first.
+    kl.adapt(deep, rank=2, name="all", targets=["query"])
+    kl.save_adapter(deep, path, name="all")
+    with pytest.raises(ValueError, match=re.escape(
+        "has no layers 'transformer_layer_1/self_attention_layer/query', "
+        "'transformer_layer_2/self_attention_layer/query', "
+        "'transformer_layer_3/self_attention_layer/query'. The adapter was "
+        "saved from another architecture"
+    )):
+        kl.load_adapter(shallow, path)
+    assert_same_snapshot(before, model_snapshot(shallow))
+    # The same depth loads, onto the same layer.
+    same = kl.load_adapter(_bert_backbone(4), path)
+    assert same._keras_lowrank.options["all"]["layers"][3] == (
+        "transformer_layer_3/self_attention_layer/query"
+    )
+
+
+def test_a_file_for_dense_2_does_not_land_on_dense(tmp_path):
+    """Keras numbers do not make layers interchangeable: `dense_2` of a
+    three-layer model is not the `dense` of a one-layer one."""
+
+    def numbered(widths):
+        keras.backend.clear_session()  # Keras numbers from zero again
+        layers = [keras.Input((8,))] + [keras.layers.Dense(w) for w in widths]
+        return keras.Sequential(layers, name="numbered")
+
+    big = numbered([8, 8, 8])
+    assert [layer.name for layer in big.layers] == ["dense", "dense_1", "dense_2"]
+    kl.adapt(big, rank=2, targets=["dense_2"])
+    path = str(tmp_path / "dense_2.safetensors")
+    kl.save_adapter(big, path)
+    small = numbered([8])
+    assert small.layers[0].name == "dense"
+    before = model_snapshot(small)
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{path}' does not fit model 'numbered': model "
+        "'numbered' has no layer 'dense_2' (it has ['dense'] there: names that "
+        "differ by a number are matched only when the layers around them are "
+        "the same in number, class and order"
+    )):
+        kl.load_adapter(small, path)
+    assert_same_snapshot(before, model_snapshot(small))
+    # A model built in another session with the same layers gets the
+    # adapter on its third layer, whatever Keras numbered it.
+    keras.backend.clear_session()
+    keras.layers.Dense(1)  # shift the numbers: dense_1, dense_2, dense_3
+    again = keras.Sequential([keras.Input((8,))] + [keras.layers.Dense(8) for _ in range(3)])
+    assert again.layers[2].name == "dense_3"
+    kl.load_adapter(again, path)
+    assert [type(layer).__name__ for layer in again.layers] == ["Dense", "Dense", "LowRankDense"]
 
 
 # --- what the file holds -----------------------------------------------------------
@@ -196,7 +278,7 @@ def test_the_file_is_safetensors_with_a_json_config(saved):
     ]
     np.testing.assert_array_equal(tensors["d1/A"], to_np(model.get_layer("d1").lowrank_A_task))
     config = kl.read_adapter_config(path)
-    assert config["format"] == "keras_lowrank.adapter" and config["format_version"] == 1
+    assert config["format"] == "keras_lowrank.adapter" and config["format_version"] == 2
     assert config["keras_lowrank_version"] == kl.__version__
     assert config["backend"] == keras.backend.backend() and config["dtype"] == "float32"
     assert config["name"] == "task"
@@ -213,7 +295,7 @@ def test_the_file_is_safetensors_with_a_json_config(saved):
     assert config["owned"]["out/kernel"] == {
         "name": "owned/out/kernel", "shape": [16, 2], "dtype": "float32"
     }
-    assert config["fingerprint"] == adapter_files.fingerprint({"d1": (8, 16), "d2": (16, 16)})
+    assert config["fingerprint"] == adapter_format.fingerprint({"d1": (8, 16), "d2": (16, 16)})
     assert re.fullmatch(r"[0-9a-f]{64}", config["tensors_sha256"])
 
 
@@ -232,7 +314,7 @@ def test_save_adapter_needs_a_name_when_ambiguous(tmp_path):
     kl.set_adapter(model, "second")
     kl.save_adapter(model, path)
     assert kl.read_adapter_config(path)["name"] == "second"
-    with pytest.raises(ValueError, match="is a folder; save_adapter writes a single file"):
+    with pytest.raises(ValueError, match="is a folder; an adapter file is a single file"):
         kl.save_adapter(model, str(tmp_path))
 
 
@@ -266,7 +348,7 @@ def test_writes_are_atomic(saved, monkeypatch):
         raise OSError("power cut")
 
     randomize(model, seed=7)
-    monkeypatch.setattr(adapter_files.os, "replace", crash)
+    monkeypatch.setattr(safetensors_io.os, "replace", crash)
     with pytest.raises(OSError, match="power cut"):
         kl.save_adapter(model, path)
     with open(path, "rb") as file:
@@ -290,9 +372,9 @@ def rewrite(source, target, config_change=None, tensor_change=None, checksum=Tru
     if tensor_change:
         tensor_change(tensors)
     if checksum:
-        config["tensors_sha256"] = adapter_files._digest(tensors)
+        config["tensors_sha256"] = adapter_format.digest(tensors)
     safetensors.numpy.save_file(
-        tensors, target, metadata={adapter_files.METADATA_KEY: json.dumps(config)}
+        tensors, target, metadata=adapter_format.encode_config(config)
     )
     return target
 
@@ -355,8 +437,8 @@ BAD_FILES = {
         ValueError, "is a safetensors file without a keras_lowrank adapter config",
     ),
     "future version": (
-        lambda p, g, t: rewrite(p, t, _set("format_version", 2)), ValueError,
-        r"has format version 2; this keras_lowrank \(.+\) reads version 1. Upgrade",
+        lambda p, g, t: rewrite(p, t, _set("format_version", 3)), ValueError,
+        r"has format version 3; this keras_lowrank \(.+\) reads version 2. Upgrade",
     ),
     "inconsistent fingerprint": (
         lambda p, g, t: rewrite(p, t, _set("fingerprint", "sha256:0")), ValueError,
@@ -389,7 +471,7 @@ OTHER_MODELS = {
             name="mlp",
         ),
         re.escape(
-            "does not fit model 'mlp': model 'mlp' has no layer 'd1'. The adapter "
+            "does not fit model 'mlp': model 'mlp' has no layers 'd1', 'd2'. The adapter "
             "was saved from another architecture (file fingerprint sha256:"
         ),
     ),
@@ -554,3 +636,225 @@ def test_a_minilm_adapter_file_is_under_one_percent_of_the_base(minilm, tmp_path
         np.testing.assert_allclose(run(model, x), expected, atol=1e-6)
     finally:
         kl.unload(model)
+
+
+# --- the header: checksums, a tampered config, the written file -------------------
+
+
+def _tamper(source, target, change):
+    """Writes `source` again with its config JSON edited by `change`,
+    keeping the original config checksum (a hand edit)."""
+    with open(source, "rb") as file:
+        data = file.read()
+    metadata, tensors = safetensors_io.load_tensors(source, data=data)
+    config = json.loads(metadata[adapter_format.METADATA_KEY])
+    change(config)
+    metadata[adapter_format.METADATA_KEY] = json.dumps(config)
+    safetensors.numpy.save_file(tensors, target, metadata=metadata)
+    return target
+
+
+def test_an_edited_alpha_is_refused(saved, tmp_path):
+    _, path = saved
+
+    def more_alpha(config):
+        config["adapter"]["alpha"] = 30.0
+        for entry in config["layers"].values():
+            entry["spec"]["alpha"] = 30.0
+
+    bad = _tamper(path, str(tmp_path / "edited.safetensors"), more_alpha)
+    model = mlp()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}' cannot be read: its config does not match the "
+        "config checksum in its header. It is truncated, corrupt, edited by "
+        "hand or not an adapter file"
+    )):
+        kl.load_adapter(model, bad)
+    assert_same_snapshot(before, model_snapshot(model))
+    with pytest.raises(ValueError, match="does not match the config checksum"):
+        kl.read_adapter_config(bad)
+    # The header without its checksum entry: the same refusal.
+    metadata, tensors = safetensors_io.load_tensors(path)
+    del metadata[adapter_format.CHECKSUM_KEY]
+    safetensors.numpy.save_file(tensors, bad, metadata=metadata)
+    with pytest.raises(ValueError, match="does not match the config checksum"):
+        kl.load_adapter(model, bad)
+
+
+def _drop(*keys):
+    def change(config):
+        target = config
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+
+    return change
+
+
+MALFORMED = {
+    # name: (change, the problem the message names)
+    "layers a list": (_set("layers", []), "'layers' is a list, not a dict"),
+    "no siblings": (_drop("siblings"), "it has no 'siblings' entry"),
+    "no name": (_drop("name"), "it has no 'name' entry"),
+    "layer entry a string": (
+        lambda c: c["layers"].__setitem__("d1", "x"), "layers['d1'] is a str, not an object"
+    ),
+    "no spec": (_drop("layers", "d1", "spec"), "layers['d1'] has no dict 'spec'"),
+    "tensor without shape": (
+        _drop("layers", "d1", "tensors", "A", "shape"),
+        "layers['d1']['tensors']['A'] has no list 'shape'",
+    ),
+    "bad kernel shape": (
+        lambda c: c["layers"]["d1"].__setitem__("kernel_shape", ["8", 16]),
+        "layers['d1']['kernel_shape'] is not a list of sizes",
+    ),
+    "kept not paths": (_set("kept", [1]), "'kept' is not a list of layer paths"),
+    "owned entry": (
+        lambda c: c["owned"].__setitem__("out/kernel", None),
+        "owned['out/kernel'] is a NoneType, not an object",
+    ),
+    "siblings": (
+        lambda c: c["siblings"].__setitem__("", [["d1"]]),
+        "siblings[''] is not a list of [name, class] pairs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_config_names_the_file_and_the_problem(saved, tmp_path, case):
+    """Even with valid checksums (a foreign or buggy writer), a broken
+    config is a ValueError naming the file, not a KeyError."""
+    _, path = saved
+    change, problem = MALFORMED[case]
+    bad = rewrite(path, str(tmp_path / "bad.safetensors"), change)
+    model = _adapted_target()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}' cannot be read: its config is malformed: {problem}."
+    )):
+        kl.load_adapter(model, bad)
+    assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_an_unreadable_spec_names_the_file_and_the_layer(saved, tmp_path):
+    _, path = saved
+    bad = rewrite(
+        path, str(tmp_path / "bad.safetensors"),
+        lambda c: c["layers"]["d1"]["spec"].__setitem__("rank", "two"),
+    )
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}': layer 'd1': its options cannot be read ("
+    )):
+        kl.load_adapter(mlp(), bad)
+
+
+def test_version_1_files_are_refused_with_the_reason(saved, tmp_path):
+    _, path = saved
+    bad = rewrite(path, str(tmp_path / "old.safetensors"), _set("format_version", 1))
+    with pytest.raises(ValueError, match=re.escape(
+        f"adapter file '{bad}' has format version 1 (keras_lowrank 0.1), whose "
+        "config carries no checksum"
+    )):
+        kl.load_adapter(mlp(), bad)
+
+
+def test_saving_into_a_missing_folder_names_the_path(tmp_path):
+    model = trained()
+    path = str(tmp_path / "no" / "such" / "task.safetensors")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        f"cannot write adapter file '{path}': the folder "
+        f"'{tmp_path / 'no' / 'such'}' does not exist. Create the folder "
+        "first, or save the adapter elsewhere."
+    )):
+        kl.save_adapter(model, path)
+    assert not os.path.exists(tmp_path / "no")
+
+
+def test_new_files_honour_the_umask_and_old_ones_keep_their_mode(tmp_path):
+    model = trained()
+    path = str(tmp_path / "task.safetensors")
+    old = os.umask(0o027)
+    try:
+        kl.save_adapter(model, path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    os.chmod(path, 0o604)
+    kl.save_adapter(model, path)
+    assert os.stat(path).st_mode & 0o777 == 0o604
+
+
+def test_saving_through_a_symlink_writes_its_target(tmp_path):
+    model = trained()
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "task.safetensors"
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target)
+    kl.save_adapter(model, str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert kl.read_adapter_config(str(target))["name"] == "task"
+    assert sorted(os.listdir(tmp_path / "store")) == ["task.safetensors"]
+    # A dangling link: its target is created.
+    target.unlink()
+    kl.save_adapter(model, str(link))
+    assert link.is_symlink() and kl.read_adapter_config(str(target))["name"] == "task"
+
+
+# --- arguments --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, 3, b"task.safetensors", ["task.safetensors"]])
+def test_a_path_that_is_not_a_path_is_a_type_error(saved, value):
+    model, _ = saved
+    kind = type(value).__name__
+    with pytest.raises(TypeError, match=re.escape(
+        f"save_adapter(model, path): `path` must be a file path (a str or "
+        f"os.PathLike), not {kind} {value!r}. Pass the file's name as a str "
+        "or pathlib.Path, e.g. 'task.safetensors'."
+    )):
+        kl.save_adapter(model, value)
+    with pytest.raises(TypeError, match=re.escape(
+        f"load_adapter(model, path): `path` must be a file path (a str or os.PathLike), not {kind}"
+    )):
+        kl.load_adapter(mlp(), path=value)
+    with pytest.raises(TypeError, match=re.escape(
+        f"read_adapter_config(path): `path` must be a file path (a str or os.PathLike), not {kind}"
+    )):
+        kl.read_adapter_config(value)
+
+
+def test_pathlib_paths_work(saved, tmp_path):
+    import pathlib
+
+    model, _ = saved
+    path = pathlib.Path(tmp_path) / "p.safetensors"
+    assert kl.save_adapter(model, path) == path
+    assert kl.read_adapter_config(path)["name"] == "task"
+    np.testing.assert_allclose(run(kl.load_adapter(base(), path)), run(model), atol=1e-6)
+
+
+def test_safetensors_io_writes_with_a_writer_and_leaves_nothing_on_failure(tmp_path):
+    """The shared module's API (PEFT folders will use it too)."""
+    path = str(tmp_path / "t.safetensors")
+    safetensors_io.save_tensors(path, {"w": np.arange(3, dtype="float32")}, {"k": "v"})
+    metadata, tensors = safetensors_io.load_tensors(path)
+    assert metadata == {"k": "v"} and tensors["w"].tolist() == [0.0, 1.0, 2.0]
+    text = str(tmp_path / "note.txt")
+    safetensors_io.write_file_atomically(text, lambda file: file.write(b"first"))
+
+    def broken(file):
+        file.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        safetensors_io.write_file_atomically(text, broken)
+    with open(text, "rb") as file:
+        assert file.read() == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["note.txt", "t.safetensors"]
+    with pytest.raises(ValueError, match=re.escape(
+        f"safetensors file '{text}' cannot be read: it holds 5 bytes, fewer "
+        "than a header. It is truncated, corrupt or not a safetensors file."
+    )):
+        safetensors_io.load_tensors(text)

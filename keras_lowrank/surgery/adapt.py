@@ -20,9 +20,9 @@ from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.state.model_state import ModelState
 from keras_lowrank.state.model_state import adapted_layers
 from keras_lowrank.state.model_state import adapted_visits
-from keras_lowrank.state.model_state import mark_adapted
+from keras_lowrank.io.keras_file import mark_adapted
 from keras_lowrank.state.model_state import state_of
-from keras_lowrank.state.model_state import unmark_adapted
+from keras_lowrank.io.keras_file import unmark_adapted
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.surgery.walk import sublayers
