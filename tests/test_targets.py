@@ -322,7 +322,6 @@ def test_generators_are_read_once_and_recorded(tmp_path):
         rank=2,
         targets=(n for n in ["hidden", "hidden2", "logits"]),
         exclude=(n for n in ["logits"]),
-        trainable=(n for n in ["logits"]) if False else None,
     )
     assert adapted_paths(model) == ["hidden", "hidden2"]
     options = state_of(model).options["default"]

@@ -39,6 +39,16 @@ def output_layers(model, visits):
         a made-up batch (its input shapes are unknown, or its `call` needs
         more than tensors), the last Dense/EinsumDense in model order, with
         a warning.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_lowrank.surgery.walk import walk
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...     keras.layers.Dense(8, name="hidden"),
+    ...     keras.layers.Dense(2, name="logits"), keras.layers.Softmax()])
+    >>> [layer.name for layer in output_layers(model, walk(model))]
+    ['logits']
     """
     linear = [v.layer for v in visits if isinstance(v.layer, LINEAR_CLASSES)]
     if not linear:

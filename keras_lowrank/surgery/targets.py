@@ -63,6 +63,11 @@ def normalize(argument, value, lone_regex=True):
     Raises:
         TypeError: `value`, or one of its entries, has no target form.
         ValueError: a lone string is not a valid regular expression.
+
+    Example:
+
+    >>> normalize("targets", (name for name in ["query", "value"]))
+    ['query', 'value']
     """
     if value is None or isinstance(value, (re.Pattern, type)):
         return value
@@ -138,6 +143,15 @@ def select_layers(model, targets, exclude=None):
         ValueError: nothing matched, an entry matched no layer, or a target
             has an unknown form.
         TypeError: an exact target names a layer that cannot be adapted.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...     keras.layers.Dense(8, name="block[0]"),
+    ...     keras.layers.Dense(8, name="block0"), keras.layers.Dense(2)])
+    >>> [v.path for v in select_layers(model, ["block[0]"])]
+    ['block[0]']
     """
     visits = walk(model)
     head = _Head(model, visits)
