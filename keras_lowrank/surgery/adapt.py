@@ -68,7 +68,8 @@ def adapt(
             layer classes, or the presets `"attention"`, `"mlp"`,
             `"all-linear"`. `None`: for KerasHub models the architecture's
             attention query and value projections; otherwise every Dense and
-            EinsumDense except the model's output layer.
+            EinsumDense except the output layers (those that feed a model
+            output with no other Dense/EinsumDense in between).
         exclude: layers to leave out, in the same forms.
         dropout: dropout rate on the adapter path.
         scaling: `"standard"` (`alpha/r`) or `"rslora"` (`alpha/sqrt(r)`).
@@ -113,11 +114,18 @@ def adapt(
         init=init,
         bias="none" if bias == "none" else "all",
     )
+    # Read once (a generator would be empty the second time) and checked
+    # before anything else; what is used is what gets recorded.
+    targets = targeting.normalize("targets", targets)
+    exclude = targeting.normalize("exclude", exclude)
+    trainable = targeting.normalize("trainable", trainable, lone_regex=False)
+    rank_pattern = targeting.check_pattern("rank_pattern", rank_pattern)
+    alpha_pattern = targeting.check_pattern("alpha_pattern", alpha_pattern)
     chosen = targeting.select_layers(model, targets, exclude)
+    ranks = targeting.pattern_layers(model, chosen, "rank_pattern", rank_pattern)
+    alphas = targeting.pattern_layers(model, chosen, "alpha_pattern", alpha_pattern)
     plan = [
-        (visit, _spec_for(
-            visit, base_spec, rank_pattern, alpha_pattern, alpha is not None
-        ))
+        (visit, _spec_for(visit, base_spec, ranks, alphas, alpha is not None))
         for visit in chosen
     ]
     _check_plan(model, plan, name)
@@ -287,11 +295,13 @@ def _check_model(model):
         )
 
 
-def _spec_for(visit, base, rank_pattern, alpha_pattern, alpha_given):
+def _spec_for(visit, base, ranks, alphas, alpha_given):
+    """`base` with the first matching rank and alpha pattern applied; `ranks`
+    and `alphas` are `targeting.pattern_layers` results."""
     changes = {}
-    for option, pattern in (("rank", rank_pattern), ("alpha", alpha_pattern)):
-        for key, value in (pattern or {}).items():
-            if targeting.matches(visit, key):
+    for option, pattern in (("rank", ranks), ("alpha", alphas)):
+        for value, layer_ids in pattern:
+            if id(visit.layer) in layer_ids:
                 changes[option] = value
                 break
     if "rank" in changes and "alpha" not in changes and not alpha_given:

@@ -12,13 +12,23 @@ A target may be:
 - a layer class (`keras.layers.Dense`): every layer of that class;
 - a preset: `"attention"` (query/key/value/output projections: the linear
   layers inside attention layers), `"mlp"` (the other linear layers) or
-  `"all-linear"` (every Dense/EinsumDense except the task head).
+  `"all-linear"` (every Dense/EinsumDense except the output layers).
 
-Exact names, suffixes and classes must hit supported layers (a `TypeError`
-names the one that is not); patterns and presets skip layers that cannot be
-adapted. A target list that matches nothing is an error.
+A string is read literally first: if a layer's name, path or path suffix is
+exactly the string, it selects those layers and nothing else, so a layer
+named `"block[0]"` is never confused with `block0`. Only a string that names
+no layer is read as a glob pattern (or, as a `rank_pattern` key, a regular
+expression).
+
+Every entry of `targets`, `exclude`, `rank_pattern` and `alpha_pattern` must
+select something: a misspelt one raises a `ValueError` naming it and the
+closest layer names. Exact names, suffixes and classes must hit supported
+layers (a `TypeError` names the one that is not); patterns and presets skip
+layers that cannot be adapted.
 """
 
+import collections.abc
+import difflib
 import fnmatch
 import re
 
@@ -26,11 +36,95 @@ import keras
 
 from keras_lowrank.integrations import keras_hub as hub_integration
 from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.surgery.outputs import LINEAR_CLASSES
+from keras_lowrank.surgery.outputs import output_layers
 from keras_lowrank.surgery.walk import walk
 
 PRESETS = ("attention", "mlp", "all-linear")
-LINEAR_CLASSES = (keras.layers.Dense, keras.layers.EinsumDense)
 _GLOB_CHARS = set("*?[")
+_FORMS = (
+    "a layer name or path suffix, a glob pattern, a regular expression "
+    "(re.compile(...)), a layer class, or a preset ('attention', 'mlp', "
+    "'all-linear')"
+)
+
+
+def normalize(argument, value, lone_regex=True):
+    """`targets`, `exclude` or `trainable` as adapt() uses and records it:
+    `None`, a lone string, `re.Pattern` or class, or a list (any other
+    iterable, a generator say, is read once, here).
+
+    Args:
+        argument: the argument's name, for error messages.
+        value: what the caller passed.
+        lone_regex: whether a lone string is a regular expression (it is for
+            `targets` and `exclude`, as in PEFT).
+
+    Raises:
+        TypeError: `value`, or one of its entries, has no target form.
+        ValueError: a lone string is not a valid regular expression.
+
+    Example:
+
+    >>> normalize("targets", (name for name in ["query", "value"]))
+    ['query', 'value']
+    """
+    if value is None or isinstance(value, (re.Pattern, type)):
+        return value
+    if isinstance(value, str):
+        if lone_regex and not _is_preset(value):
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(
+                    f"keras_lowrank: {argument}={value!r} is not a valid "
+                    f"regular expression ({error}); a lone string is one, as "
+                    f"in PEFT. Escape it (re.escape), or pass names in a "
+                    f"list: {argument}=[{value!r}]."
+                ) from None
+        return value
+    if isinstance(value, (bytes, bytearray, collections.abc.Mapping)) or not (
+        isinstance(value, collections.abc.Iterable)
+    ):
+        raise TypeError(
+            f"keras_lowrank: {argument}={value!r} ({type(value).__name__}) "
+            f"is not a target. Pass {_FORMS}, or a list of them."
+        )
+    entries = list(value)
+    for entry in entries:
+        if not isinstance(entry, (str, re.Pattern, type)):
+            raise TypeError(
+                f"keras_lowrank: {argument} entry {entry!r} "
+                f"({type(entry).__name__}) is not a target. Each entry is "
+                f"{_FORMS}."
+            )
+    return entries
+
+
+def check_pattern(argument, pattern):
+    """`rank_pattern`/`alpha_pattern` as a dict (`{}` for `None`).
+
+    Raises:
+        TypeError: `pattern` is not a dict, or a key is not a string,
+            `re.Pattern` or class.
+    """
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, collections.abc.Mapping):
+        raise TypeError(
+            f"keras_lowrank: {argument} must be a dict from layer pattern to "
+            f"value, such as {{'value': 16}}; got {type(pattern).__name__} "
+            f"{pattern!r}."
+        )
+    for key in pattern:
+        if not isinstance(key, (str, re.Pattern, type)):
+            raise TypeError(
+                f"keras_lowrank: {argument} key {key!r} "
+                f"({type(key).__name__}) is not a layer pattern. Keys are "
+                "layer names, path suffixes, globs, regular expressions or "
+                "layer classes."
+            )
+    return dict(pattern)
 
 
 def select_layers(model, targets, exclude=None):
@@ -38,19 +132,30 @@ def select_layers(model, targets, exclude=None):
 
     Args:
         model: a built Keras model.
-        targets: see the module docstring; `None` means the default targets.
+        targets: see the module docstring (after `normalize`); `None` means
+            the default targets.
         exclude: same forms as `targets`; matching layers are left out.
 
     Returns:
         A list of `Visit`s, each for a layer that can hold an adapter.
 
     Raises:
-        ValueError: nothing matched, or a target has an unknown form.
+        ValueError: nothing matched, an entry matched no layer, or a target
+            has an unknown form.
         TypeError: an exact target names a layer that cannot be adapted.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((4,)),
+    ...     keras.layers.Dense(8, name="block[0]"),
+    ...     keras.layers.Dense(8, name="block0"), keras.layers.Dense(2)])
+    >>> [v.path for v in select_layers(model, ["block[0]"])]
+    ['block[0]']
     """
     visits = walk(model)
-    head = _head_ids(model, visits)
-    chosen = _match(model, visits, head, targets, strict=True, default=True)
+    head = _Head(model, visits)
+    chosen = _match(model, visits, head, targets, "targets", strict=True)
     if not chosen:
         raise ValueError(
             f"keras_lowrank: targets={_show(targets)} matched no adaptable "
@@ -62,7 +167,7 @@ def select_layers(model, targets, exclude=None):
     if exclude is not None:
         dropped = {
             id(v.layer)
-            for v in _match(model, visits, head, exclude, strict=False)
+            for v in _match(model, visits, head, exclude, "exclude", strict=False)
         }
         chosen = [v for v in chosen if id(v.layer) not in dropped]
         if not chosen:
@@ -77,16 +182,12 @@ def select_any_layers(model, names):
     """Layers named by `names` (same forms as targets), adaptable or not:
     used for `trainable=[...]`. Every entry must match something."""
     visits = walk(model)
-    head = _head_ids(model, visits)
+    head = _Head(model, visits)
     out = []
     for entry in _as_list(names):
-        matched = _match(model, visits, head, [entry], strict=False, any_layer=True)
+        matched, _ = _match_one(visits, head, entry)
         if not matched:
-            raise ValueError(
-                f"keras_lowrank: trainable entry {_show(entry)} matched no "
-                f"layer in model '{model.name}'. Use a layer name or path "
-                f"suffix such as {_examples(visits)}."
-            )
+            _unmatched(model, visits, "trainable", entry)
         out.extend(v for v in matched if v not in out)
     return out
 
@@ -96,26 +197,24 @@ def default_trainable_layers(model):
     return hub_integration.head_layers(model)
 
 
-def matches(visit, target):
-    """Whether one target (any single form) selects `visit`'s layer; used by
-    `rank_pattern`/`alpha_pattern`, where a string key may be a name, path
-    suffix, glob or regular expression."""
-    if isinstance(target, str) and not _is_preset(target):
-        if target in (visit.path, visit.layer.name) or visit.path.endswith(
-            "/" + target
-        ):
-            return True
-        if _GLOB_CHARS & set(target):
-            return fnmatch.fnmatchcase(visit.path, target) or fnmatch.fnmatchcase(
-                visit.layer.name, target
-            )
-        try:
-            pattern = re.compile(target)
-        except re.error:
-            return False
-        return bool(pattern.fullmatch(visit.path) or pattern.fullmatch(visit.layer.name))
-    hits, _ = _match_one([visit], set(), target)
-    return bool(hits)
+def pattern_layers(model, chosen, argument, pattern):
+    """`rank_pattern`/`alpha_pattern` resolved: `[(value, {id(layer)})]` in
+    key order, each key matched among `model`'s layers (a string literally
+    first, else as a glob, else as a regular expression).
+
+    Raises:
+        ValueError: a key selects none of the `chosen` layers.
+    """
+    visits = walk(model)
+    head = _Head(model, visits)
+    ids = {id(v.layer) for v in chosen}
+    out = []
+    for key, value in pattern.items():
+        hits = {id(v.layer) for v in _pattern_hits(visits, head, key)} & ids
+        if not hits:
+            _unmatched(model, chosen, argument, key, what="key", among="adapted")
+        out.append((value, hits))
+    return out
 
 
 def describe(targets):
@@ -135,30 +234,49 @@ def describe(targets):
 # --- matching ---------------------------------------------------------------
 
 
-def _match(
-    model, visits, head, targets, strict, default=False, any_layer=False
-):
+class _Head:
+    """Layers the presets leave out, found on first use: a KerasHub task's
+    head, or else the model's output layers (tracing them runs the model)."""
+
+    def __init__(self, model, visits):
+        self.model = model
+        self.visits = visits
+        self._ids = None
+
+    def ids(self):
+        if self._ids is None:
+            if hub_integration.is_keras_hub_model(self.model):
+                layers = hub_integration.head_layers(self.model)
+            else:
+                layers = output_layers(self.model, self.visits)
+            self._ids = {id(layer) for layer in layers}
+        return self._ids
+
+
+def _match(model, visits, head, targets, argument, strict):
     if targets is None:
-        if not default:
+        if argument != "targets":
             return []
         names = hub_integration.default_target_names(model)
         if names is not None:
             backbone = hub_integration.backbone_of(model)
+            # A bare backbone is the model itself, which is no visit's parent.
+            scope = visits if backbone is model else _inside(visits, backbone)
             return [
-                v
-                for v in _inside(visits, backbone)
-                if v.layer.name in names and _adaptable(v.layer)
+                v for v in scope if v.layer.name in names and _adaptable(v.layer)
             ]
         return _preset(visits, head, "all-linear")
-    if isinstance(targets, (str, re.Pattern)) and not _is_preset(targets):
+    if isinstance(targets, str) and not _is_preset(targets):
         # A lone string is a regular expression, as in PEFT.
-        targets = [re.compile(targets) if isinstance(targets, str) else targets]
+        targets = re.compile(targets)
     selected = []
     seen = set()
     for target in _as_list(targets):
         hits, exact = _match_one(visits, head, target)
+        if not hits:
+            _unmatched(model, visits, argument, target)
         for visit in hits:
-            if not any_layer and not _adaptable(visit.layer):
+            if not _adaptable(visit.layer):
                 if strict and exact:
                     raise TypeError(
                         f"keras_lowrank: layer '{visit.path}' "
@@ -181,33 +299,57 @@ def _match_one(visits, head, target):
     if isinstance(target, type):
         return [v for v in visits if isinstance(v.layer, target)], True
     if isinstance(target, re.Pattern):
-        return [
-            v
-            for v in visits
-            if target.fullmatch(v.path) or target.fullmatch(v.layer.name)
-        ], False
-    if not isinstance(target, str):
-        raise TypeError(
-            f"keras_lowrank: cannot read target {target!r} "
-            f"({type(target).__name__}). Use a layer name, a path suffix, a "
-            "glob or regex pattern, a layer class, or a preset."
-        )
+        return _regex_hits(visits, target), False
     if _is_preset(target):
         return _preset(visits, head, target), False
-    if _GLOB_CHARS & set(target):
-        return [
-            v
-            for v in visits
-            if fnmatch.fnmatchcase(v.path, target)
-            or fnmatch.fnmatchcase(v.layer.name, target)
-        ], False
+    literal = _literal_hits(visits, target)
+    if literal or not _GLOB_CHARS & set(target):
+        return literal, True
+    return _glob_hits(visits, target), False
+
+
+def _pattern_hits(visits, head, key):
+    # A rank/alpha pattern key: as a target, but a string that names no
+    # layer and matches none as a glob is a regular expression (as in PEFT's
+    # rank_pattern).
+    if not isinstance(key, str) or _is_preset(key):
+        return _match_one(visits, head, key)[0]
+    literal = _literal_hits(visits, key)
+    if literal:
+        return literal
+    if _GLOB_CHARS & set(key):
+        hits = _glob_hits(visits, key)
+        if hits:
+            return hits
+    try:
+        return _regex_hits(visits, re.compile(key))
+    except re.error:
+        return []
+
+
+def _literal_hits(visits, name):
     return [
         v
         for v in visits
-        if v.path == target
-        or v.path.endswith("/" + target)
-        or v.layer.name == target
-    ], True
+        if v.path == name or v.path.endswith("/" + name) or v.layer.name == name
+    ]
+
+
+def _glob_hits(visits, pattern):
+    return [
+        v
+        for v in visits
+        if fnmatch.fnmatchcase(v.path, pattern)
+        or fnmatch.fnmatchcase(v.layer.name, pattern)
+    ]
+
+
+def _regex_hits(visits, pattern):
+    return [
+        v
+        for v in visits
+        if pattern.fullmatch(v.path) or pattern.fullmatch(v.layer.name)
+    ]
 
 
 def _preset(visits, head, name):
@@ -216,7 +358,7 @@ def _preset(visits, head, name):
         for v in visits
         if isinstance(v.layer, LINEAR_CLASSES)
         and _adaptable(v.layer)
-        and id(v.layer) not in head
+        and id(v.layer) not in head.ids()
     ]
     if name == "all-linear":
         return linear
@@ -232,27 +374,6 @@ def _in_attention(visit):
         or "attention" in type(p).__name__.lower()
         for p in visit.parents
     )
-
-
-def _head_ids(model, visits):
-    """Layers excluded from presets: a KerasHub task's head, or else the
-    model's output layer."""
-    if hub_integration.is_keras_hub_model(model):
-        return {id(layer) for layer in hub_integration.head_layers(model)}
-    layers = getattr(model, "layers", None)
-    if isinstance(model, (keras.Sequential,)) or _is_functional(model):
-        return {id(layers[-1])} if layers else set()
-    linear = [v.layer for v in visits if isinstance(v.layer, LINEAR_CLASSES)]
-    return {id(linear[-1])} if linear else set()
-
-
-def _is_functional(model):
-    # Functional models (including Sequential) know their output tensors;
-    # subclassed models do not.
-    try:
-        return bool(model.outputs)
-    except (AttributeError, ValueError):
-        return False
 
 
 def _inside(visits, layer):
@@ -273,6 +394,27 @@ def _as_list(targets):
     return list(targets)
 
 
+def _unmatched(model, visits, argument, entry, what="entry", among=None):
+    """Raises the error for an entry that selects nothing, with the closest
+    layer names and paths (a misspelling, most likely)."""
+    candidates = sorted({v.layer.name for v in visits} | {v.path for v in visits})
+    close = []
+    if isinstance(entry, (str, re.Pattern)):
+        text = entry if isinstance(entry, str) else entry.pattern
+        close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.6)
+    hint = (
+        f"Closest layer names: {', '.join(repr(c) for c in close)}."
+        if close
+        else f"Layer paths include: {_examples(visits, adaptable=False)}."
+    )
+    scope = "the layers being adapted" if among else f"model '{model.name}'"
+    raise ValueError(
+        f"keras_lowrank: {argument} {what} {_show(entry)} matched no layer "
+        f"in {scope}. {hint} Fix the spelling, or remove it from "
+        f"`{argument}`."
+    )
+
+
 def _show(targets):
     if isinstance(targets, re.Pattern):
         return f"re.compile({targets.pattern!r})"
@@ -283,6 +425,6 @@ def _show(targets):
     return repr(targets)
 
 
-def _examples(visits, limit=4):
-    paths = [v.path for v in visits if _adaptable(v.layer)][:limit]
-    return ", ".join(repr(p) for p in paths) or "(none)"
+def _examples(visits, limit=4, adaptable=True):
+    paths = [v.path for v in visits if not adaptable or _adaptable(v.layer)]
+    return ", ".join(repr(p) for p in paths[:limit]) or "(none)"
