@@ -18,6 +18,7 @@ other way round with `export_peft_adapter` and `PeftModel.from_pretrained`.
 import copy
 import json
 import os
+import re
 import shutil
 
 import keras
@@ -737,7 +738,7 @@ def test_export_refusals(decoders, tmp_path):
     keras_lowrank.set_adapter(model, ["emb", "q"])
     with pytest.raises(ValueError, match=r"has adapters \['emb', 'q'\]; pass name="):
         keras_lowrank.export_peft_adapter(model, tmp_path / "c")
-    with pytest.raises(ValueError, match=r"no adapter named 'nope'"):
+    with pytest.raises(ValueError, match=re.escape(f"keras_lowrank: model '{model.name}' has no adapter named 'nope'; it has ['emb', 'q']. Use one of those names.")):
         keras_lowrank.export_peft_adapter(model, tmp_path / "c", "nope")
     with pytest.raises(ValueError, match=r"module_prefix 'bert' must be empty or end with '.'"):
         keras_lowrank.export_peft_adapter(model, tmp_path / "d", "q", module_prefix="bert")
@@ -759,6 +760,156 @@ def test_export_refusals(decoders, tmp_path):
     keras_lowrank.adapt(kept, rank=2, targets=["query"], trainable=["token_embedding"])
     with pytest.raises(ValueError, match=r"layer 'llama3_backbone/token_embedding' trains fully .* no counterpart in the llama table"):
         keras_lowrank.export_peft_adapter(kept, tmp_path / "g")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_export_refuses_every_init_that_rewrites_the_kernel(init, tmp_path):
+    # The rule is `spec.rewrites_kernel`, so PiSSA with a randomised SVD
+    # (`pissa_niter_<n>`) is refused exactly like plain PiSSA.
+    model = tiny_bert()
+    keras_lowrank.adapt(model, rank=2, targets=["query"], init=init)
+    with pytest.raises(ValueError, match=re.escape(f"adapter 'default' was initialised with init='{init}', which rewrote the Keras kernels into residuals")):
+        keras_lowrank.export_peft_adapter(model, tmp_path / "f")
+    assert not os.path.exists(tmp_path / "f")
+
+    # A plain adapter on a layer whose kernel another adapter rewrote would
+    # not apply to the original base weights either.
+    keras_lowrank.adapt(model, rank=2, targets=["query"], name="plain")
+    with pytest.raises(ValueError, match=r"layer 'transformer_layer_0/self_attention_layer/query' has its kernel changed by adapter 'default' \(PiSSA/OLoRA residual or merged\)"):
+        keras_lowrank.export_peft_adapter(model, tmp_path / "f", "plain")
+    assert os.listdir(tmp_path) == []
+
+
+def _folder_contents(folder):
+    return {
+        name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))
+    }
+
+
+@pytest.fixture
+def exportable(tmp_path):
+    """A tiny adapted BERT and a folder holding an earlier export of it plus
+    a stale file of its own."""
+    model = tiny_bert()
+    keras_lowrank.adapt(model, rank=2, targets=["query", "value"])
+    perturb_keras(model, "default", seed=12)
+    out = tmp_path / "out"
+    keras_lowrank.export_peft_adapter(model, out)
+    (out / "README.md").write_text("stale")
+    (out / "adapter_model.bin").write_bytes(b"stale")
+    keras_lowrank.adapt(model, rank=3, targets=["key"], name="other")
+    return model, out
+
+
+def test_export_replaces_the_folder_as_a_whole(exportable, tmp_path):
+    model, out = exportable
+    keras_lowrank.export_peft_adapter(model, out, "other")
+    assert sorted(os.listdir(out)) == [
+        "adapter_config.json", "adapter_model.safetensors",
+    ]
+    config, tensors = read_folder(out)
+    assert config["target_modules"] == ["key"] and config["r"] == 3
+    assert all(".key." in k for k in tensors)
+    assert os.listdir(tmp_path) == ["out"]  # no temporary folder left
+
+    # Through a link, the folder it points to is replaced; the link stays.
+    os.symlink(out, tmp_path / "link")
+    keras_lowrank.export_peft_adapter(model, tmp_path / "link", "default")
+    assert os.path.islink(tmp_path / "link")
+    assert read_folder(out)[0]["target_modules"] == ["query", "value"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "out"]
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match=r"'.*file' exists and is not a folder; pass a folder path"):
+        keras_lowrank.export_peft_adapter(model, tmp_path / "file", "other")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_failed_export_leaves_the_old_folder_exactly_as_it_was(
+    exportable, tmp_path, monkeypatch
+):
+    model, out = exportable
+    before = _folder_contents(out)
+
+    # The weights write fails half-way: the config is already in the new
+    # folder and the weights file is partly written.
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_numpy, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        keras_lowrank.export_peft_adapter(model, out, "other")
+    assert _folder_contents(out) == before
+    with pytest.raises(OSError, match="disk full"):
+        keras_lowrank.export_peft_adapter(model, tmp_path / "new", "other")
+    assert os.listdir(tmp_path) == ["out"]
+    monkeypatch.undo()
+
+    # Renaming the new folder into place fails after the old one was moved
+    # aside: the old one is put back.
+    rename = os.rename
+    calls = []
+
+    def second_rename_fails(source, destination):
+        calls.append(destination)
+        if len(calls) == 2:
+            raise OSError("rename refused")
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="rename refused"):
+        keras_lowrank.export_peft_adapter(model, out, "other")
+    monkeypatch.undo()
+    assert len(calls) == 3  # aside, (refused) into place, back
+    assert _folder_contents(out) == before
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_load_that_fails_after_adapting_is_undone(tmp_path, monkeypatch):
+    # The loader adapts first and assigns the file's values after; a failure
+    # in the last assignment must take everything back.
+    from keras_lowrank.integrations.peft import load as peft_load
+
+    prefix = "base_model.model.encoder.layer.{}.attention.self.query"
+    tensors = {"base_model.model.embeddings.LayerNorm.bias": np.ones(8, "float32")}
+    for i in range(2):
+        tensors[prefix.format(i) + ".lora_A.weight"] = np.ones((2, 8), "float32")
+        tensors[prefix.format(i) + ".lora_B.weight"] = np.ones((8, 2), "float32")
+        tensors[prefix.format(i) + ".base_layer.bias"] = np.ones(8, "float32")
+    config = {
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["query"], "bias": "all",
+    }
+    write_folder(tmp_path / "f", config, tensors)
+    real_plan = peft_load.plan_load
+
+    def plan_with_a_bad_last_value(*args):
+        plan = real_plan(*args)
+        variable, value, what = plan.assigns[-1]
+        plan.assigns[-1] = (variable, np.ones(3, "float32"), what)
+        return plan
+
+    monkeypatch.setattr(peft_load, "plan_load", plan_with_a_bad_last_value)
+    model = tiny_bert()
+    query = "transformer_layer_1/self_attention_layer/query"
+    query_class = type(find_layer(model, query))
+    before = all_weights(model)
+    trainable = [w.path for w in model.trainable_weights]
+    with pytest.raises(ValueError, match=r"variable.shape=\(2, 4\)"):
+        keras_lowrank.load_peft_adapter(model, tmp_path / "f")
+    assert_unchanged(model, before)
+    assert type(find_layer(model, query)) is query_class
+    assert [w.path for w in model.trainable_weights] == trainable
+    monkeypatch.undo()
+    keras_lowrank.load_peft_adapter(model, tmp_path / "f")
+    assert find_layer(model, query).adapter_names == ["default"]
+    for i in range(2):
+        bias = find_layer(model, query.replace("1", str(i))).bias
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(bias), np.ones((2, 4))
+        )
 
 
 def test_bert_refusals_on_a_tiny_backbone(tmp_path):

@@ -4,13 +4,14 @@ Everything here is about PEFT itself, independent of Keras models: reading
 and writing `adapter_config.json` and `adapter_model.safetensors` (without
 PyTorch; `safetensors` is imported when used), which `LoraConfig` fields
 keras_lowrank can honour, and PEFT's own rules for matching module names
-(`target_modules`, `rank_pattern`). `peft.py` maps the result onto KerasHub
-layers.
+(`target_modules`, `rank_pattern`). `load` and `export` map the result onto
+KerasHub layers.
 """
 
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -255,32 +256,87 @@ def selects(targets, key):
 
 
 def write_folder(path, config, tensors, verb):
-    """Writes a PEFT folder: the weights (float32), then the config, each
-    atomically."""
+    """Writes a PEFT folder (config and float32 weights), replacing `path`
+    as a whole.
+
+    Everything is written into a fresh sibling folder, which then takes the
+    place of `path` (an existing one is renamed aside first and removed
+    last). On any failure `path` is left exactly as it was and the new
+    folder is removed. A link to a folder is followed: the folder it points
+    to is replaced, the link stays.
+
+    Args:
+        path: the folder to write.
+        config: the `adapter_config.json` object.
+        tensors: name → NumPy array, for `adapter_model.safetensors`.
+        verb: the public function, for messages.
+
+    Example:
+
+    >>> import tempfile, numpy as np
+    >>> folder = os.path.join(tempfile.mkdtemp(), "adapter")
+    >>> write_folder(folder, {"r": 1}, {"x": np.ones((1, 2))}, "example")
+    >>> sorted(os.listdir(folder))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    """
     safetensors = safetensors_module(verb)
-    os.makedirs(path, exist_ok=True)
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        fail(
+            f"{verb}: '{path}' exists and is not a folder; pass a folder "
+            "path (it is created, or replaced as a whole).",
+            FileExistsError,
+        )
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
     arrays = {
         key: np.ascontiguousarray(value, dtype=np.float32)
         for key, value in tensors.items()
     }
-    blob = safetensors.numpy.save(arrays, metadata={"format": "pt"})
-    atomic_write(os.path.join(path, WEIGHTS_FILE), blob)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(os.path.join(path, CONFIG_FILE), text.encode("utf-8"))
-
-
-def atomic_write(filename, data):
-    folder = os.path.dirname(filename) or "."
-    handle, temporary = tempfile.mkstemp(
-        prefix=os.path.basename(filename) + ".", suffix=".tmp", dir=folder
+    staging = tempfile.mkdtemp(
+        prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=parent
     )
     try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, filename)
+        # mkdtemp makes a private (0700) folder; give it the mode a plain
+        # os.makedirs would, so the export is readable as any folder is.
+        os.chmod(staging, 0o777 & ~_umask())
+        config_file = os.path.join(staging, CONFIG_FILE)
+        with open(config_file, "w", encoding="utf-8") as f:
+            f.write(text)
+        weights = os.path.join(staging, WEIGHTS_FILE)
+        safetensors.numpy.save_file(arrays, weights, metadata={"format": "pt"})
+        for filename in (config_file, weights):
+            _fsync(filename)
+        _swap_in(staging, target)
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _swap_in(staging, target):
+    """Renames folder `staging` to `target`; an existing `target` is renamed
+    aside first, put back if the swap fails, and removed once it worked."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    aside = staging + ".old"
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync(filename):
+    with open(filename, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _umask():
+    # The only portable way to read the umask is to set it and set it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
