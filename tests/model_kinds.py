@@ -61,6 +61,53 @@ class Subclassed(keras.Model):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_lowrank_tests")
+class Tower(keras.layers.Layer):
+    """Two `Block`s in a list: the same leaf names (`inner`, `mix`) twice,
+    two custom layers deep, told apart only by their paths."""
+
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.blocks = [Block(units, name="lower"), Block(units, name="upper")]
+
+    def build(self, input_shape):
+        for block in self.blocks:
+            block.build(input_shape[:-1] + (self.units,))
+
+    def call(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank_tests")
+class NestedSubclassed(keras.Model):
+    """A subclassed model whose Dense/EinsumDense layers live inside custom
+    layers inside a custom layer."""
+
+    def __init__(self, units=16, classes=3, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.classes = classes
+        self.stem = keras.layers.Dense(units, name="stem")
+        self.tower = Tower(units, name="tower")
+        self.head = keras.layers.Dense(classes, name="head")
+
+    def call(self, x):
+        return self.head(self.tower(self.stem(x)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "classes": self.classes,
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
     name: str
@@ -109,6 +156,12 @@ def build_functional():
 
 def build_subclassed():
     model = Subclassed(name="sub_model")
+    model(_features())
+    return model
+
+
+def build_subclassed_nested():
+    model = NestedSubclassed(name="nested_model")
     model(_features())
     return model
 
@@ -198,6 +251,18 @@ KINDS = {
         _features,
         default_targets=("stem", "block/inner", "block/mix"),
     ),
+    "subclassed_nested": ModelKind(
+        "subclassed_nested",
+        build_subclassed_nested,
+        _features,
+        default_targets=(
+            "stem",
+            "tower/lower/inner",
+            "tower/lower/mix",
+            "tower/upper/inner",
+            "tower/upper/mix",
+        ),
+    ),
     "bert_classifier": ModelKind(
         "bert_classifier",
         build_bert_classifier,
@@ -267,6 +332,19 @@ def randomize_adapters(model, seed=0, scale=0.3):
                     var.assign(
                         rng.normal(scale=scale, size=var.shape).astype("float32")
                     )
+
+
+def randomize_adapter(model, name, seed=0, scale=0.3):
+    """Non-zero factors for adapter `name` (B starts at zero), through the
+    public surface only: its variables among `model.weights`, found by
+    their names `lowrank_A_<name>` and `lowrank_B_<name>`."""
+    rng = np.random.default_rng(seed)
+    leaves = (f"lowrank_A_{name}", f"lowrank_B_{name}")
+    found = [w for w in model.weights if w.path.rsplit("/", 1)[-1] in leaves]
+    if not found:
+        raise AssertionError(f"model has no variables of adapter {name!r}")
+    for w in found:
+        w.assign(rng.normal(scale=scale, size=w.shape).astype("float32"))
 
 
 def fingerprint(model):
