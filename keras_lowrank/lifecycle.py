@@ -191,9 +191,15 @@ def disable_adapters(model):
 
     No adapter applies: merged adapters are taken out of the kernels on entry
     and put back on exit, and layers and biases adapters own hold the base
-    model's values. Everything is restored on exit, even after an error.
-    Meant for inference and evaluation; the optimizer is left as it is, so
-    do not train inside the context.
+    model's values. Everything is restored on exit, bit for bit, even after
+    an error. Meant for inference and evaluation; the optimizer is left as
+    it is, so do not train inside the context.
+
+    Inside the context the adapters cannot change: `adapt`, `unload`,
+    `merge`, `unmerge`, `set_adapter`, `delete_adapter`, `combine` and
+    `load_adapter` raise `ValueError` (leave the context first), and so does
+    `model.save()` (the file would reload as the base model). Reading
+    adapters (`save_adapter`, `report`) works.
 
     Example:
 
