@@ -30,11 +30,15 @@ import numbers
 from keras import ops
 
 from keras_lowrank import adapter_math
+from keras_lowrank import errors
 from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.state.transaction import transaction
+from keras_lowrank.surgery.adapt import _check_plan
+from keras_lowrank.surgery.adapt import install
 
 HOWS = ("linear", "cat", "svd")
 
@@ -119,6 +123,11 @@ def combine(model, names, weights, name, how="linear", rank=None):
     state = state_of(model)
     check_adapter_name(name)
     names, weights = _check_arguments(model, state, names, weights, name, how, rank)
+    with transaction(model, "combine"):
+        return _combine(model, state, names, weights, name, how, rank)
+
+
+def _combine(model, state, names, weights, name, how, rank):
     if how == "svd" and rank is None:
         rank = max(
             visit.layer.adapter_spec(n).rank
@@ -214,11 +223,11 @@ def combine(model, names, weights, name, how="linear", rank=None):
         key: owned.value_of(model, state, names[0], key)
         for key in first.get("owned", [])
     }
-    from keras_lowrank.surgery.adapt import _check_plan
-    from keras_lowrank.surgery.adapt import install
-
     _check_plan(model, plan, name)
-    install(model, name, plan, record, factors=factors, owned_values=values)
+    install(
+        model, name, plan, record, factors=factors, owned_values=values,
+        verb="combine",
+    )
     return Combination(
         name=name,
         how=how,
@@ -235,22 +244,31 @@ def _check_arguments(model, state, names, weights, name, how, rank):
             f"keras_lowrank: model '{model.name}' already has an adapter "
             f"named {name!r}. Choose another name for the combination."
         )
-    if how not in HOWS:
+    if not isinstance(how, str) or how not in HOWS:
         raise ValueError(
             f"keras_lowrank: unknown combination how={how!r}. Use 'linear', "
             "'cat' or 'svd'."
         )
     if isinstance(names, str):
         names = [names]
+    elif not isinstance(names, (list, tuple)):
+        raise TypeError(
+            "keras_lowrank: combine() takes `names` as an adapter name or a "
+            f"list of names, got {type(names).__name__} ({names!r}). Pass "
+            f"names from {sorted(state.options)}."
+        )
     names = list(names)
     if not names:
         raise ValueError("keras_lowrank: combine() needs at least one adapter name.")
     for source in names:
-        if source not in state.options:
-            raise ValueError(
-                f"keras_lowrank: model '{model.name}' has no adapter named "
-                f"{source!r}; it has {sorted(state.options)}."
+        if not isinstance(source, str):
+            raise TypeError(
+                "keras_lowrank: combine() takes adapter names as strings, got "
+                f"{type(source).__name__} ({source!r}) in `names`. Pass names "
+                f"from {sorted(state.options)}."
             )
+        if source not in state.options:
+            raise errors.unknown_adapter(model, source, state.options)
     if len(set(names)) != len(names):
         raise ValueError(
             f"keras_lowrank: combine() got a repeated adapter name in {names}; "
@@ -258,6 +276,13 @@ def _check_arguments(model, state, names, weights, name, how, rank):
         )
     if isinstance(weights, numbers.Real):
         weights = [weights]
+    elif not isinstance(weights, (list, tuple)) and not hasattr(weights, "shape"):
+        raise TypeError(
+            f"keras_lowrank: combine() takes `weights` as {len(names)} "
+            f"number(s), one per adapter in {names}, got "
+            f"{type(weights).__name__} ({weights!r}). Pass e.g. "
+            f"weights={[1.0] * len(names)}."
+        )
     weights = list(weights)
     if len(weights) != len(names) or not all(
         isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w)

@@ -1,24 +1,29 @@
 """Managing the adapters of an adapted model: merge, unmerge, switch, disable,
 delete.
 
-Every function acts on the whole model and is all-or-nothing: it checks every
-layer before changing any. Each one leaves the model ready for the next
-`fit`/`predict`: the compiled functions are dropped (Keras re-traces them),
-values adapters own (heads, biases) are swapped (see `keras_lowrank.state.owned`),
-and when the set of trainable variables changed, a compiled model gets a
-fresh optimizer of the same configuration (see
-`keras_lowrank.surgery.freezing.refresh_optimizer`).
+Every function acts on the whole model and is all-or-nothing: it runs as a
+`keras_lowrank.state.transaction.transaction`, so a failure at any layer
+(a refusal, an out-of-memory error) leaves the model exactly as it was.
+Each one leaves the model ready for the next `fit`/`predict`
+(`keras_lowrank.state.refresh.refresh`): the compiled functions are dropped
+(Keras re-traces them), values adapters own (heads, biases) are swapped (see
+`keras_lowrank.state.owned`), and when the set of trainable variables
+changed, a compiled model gets a fresh optimizer of the same configuration.
 """
 
 import contextlib
 import gc
 
-from keras_lowrank.surgery import freezing
-from keras_lowrank.state import owned
+from keras_lowrank import errors
 from keras_lowrank.layers import quantized as quantization
+from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import adapted_layers
+from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.io.keras_file import unmark_adapted
+from keras_lowrank.state.transaction import Snapshot
+from keras_lowrank.state.transaction import check_not_disabled
+from keras_lowrank.state.transaction import transaction
 
 
 def merge(model, quantized="error"):
@@ -50,16 +55,23 @@ def merge(model, quantized="error"):
     ['default']
     """
     state_of(model)
-    before = freezing.trainable_ids(model)
     layers = adapted_layers(model)
-    quantization.prepare_merge(
-        layers, quantized, quantization.MERGE_POLICIES, "merge"
-    )
-    for layer in layers:
-        layer.merge()
-    freezing.apply(model)
-    freezing.refresh_optimizer(model, before)
+    with transaction(model, "merge", kernels=_merging(layers)):
+        quantization.prepare_merge(
+            layers, quantized, quantization.MERGE_POLICIES, "merge"
+        )
+        for layer in layers:
+            layer.merge()
     return model
+
+
+def _merging(layers):
+    """The layers whose kernel a merge of their active adapters writes."""
+    return [
+        layer
+        for layer in layers
+        if any(n not in layer.merged_adapters for n in layer.active_adapters)
+    ]
 
 
 def unmerge(model):
@@ -75,11 +87,12 @@ def unmerge(model):
     []
     """
     state_of(model)
-    before = freezing.trainable_ids(model)
-    for layer in adapted_layers(model):
-        layer.unmerge()
-    freezing.apply(model)
-    freezing.refresh_optimizer(model, before)
+    layers = adapted_layers(model)
+    with transaction(
+        model, "unmerge", kernels=[l for l in layers if l.merged_adapters]
+    ):
+        for layer in layers:
+            layer.unmerge()
     return model
 
 
@@ -113,26 +126,40 @@ def set_adapter(model, names):
     ['a', 'b']
     """
     state = state_of(model)
+    check_not_disabled(model, "set_adapter")
     names = _check_names(model, state, names)
-    from keras_lowrank.surgery.adapt import _check_activatable
-
-    _check_activatable(model, names)
+    check_activatable(model, names)
     conflict = owned.conflicts(state, names)
     if conflict:
         raise ValueError(owned.conflict_message(*conflict))
-    before = freezing.trainable_ids(model)
-    for layer in adapted_layers(model):
-        layer.set_active_adapters([n for n in names if n in layer.adapter_names])
-    state.active = names
-    owned.sync(model, state)
-    freezing.apply(model)
-    freezing.refresh_optimizer(model, before)
+    with transaction(model, "set_adapter"):
+        state.active = names
     return model
+
+
+def check_activatable(model, names):
+    """Raises if making exactly `names` active would switch off an adapter
+    that is merged into a kernel."""
+    for visit in adapted_visits(model):
+        stuck = [n for n in visit.layer.merged_adapters if n not in names]
+        if stuck:
+            raise ValueError(
+                f"keras_lowrank: adapter {stuck[0]!r} is merged into layer "
+                f"'{visit.path}'; call keras_lowrank.unmerge(model) before "
+                "switching it off."
+            )
 
 
 def _check_names(model, state, names):
     if isinstance(names, str):
         names = [names]
+    elif names is None or not isinstance(names, (list, tuple)):
+        raise TypeError(
+            "keras_lowrank: set_adapter() takes `names` as an adapter name or "
+            f"a list of names, got {type(names).__name__} ({names!r}). Pass "
+            f"one of {sorted(state.options)}; to run the base model, use "
+            "`with keras_lowrank.disable_adapters(model):`."
+        )
     names = list(names)
     if not names:
         raise ValueError(
@@ -141,11 +168,14 @@ def _check_names(model, state, names):
             "disable_adapters(model):`."
         )
     for name in names:
-        if not isinstance(name, str) or name not in state.options:
-            raise ValueError(
-                f"keras_lowrank: model '{model.name}' has no adapter named "
-                f"{name!r}; it has {sorted(state.options)}."
+        if not isinstance(name, str):
+            raise TypeError(
+                "keras_lowrank: set_adapter() takes adapter names as strings, "
+                f"got {type(name).__name__} ({name!r}) in `names`. Pass names "
+                f"from {sorted(state.options)}."
             )
+        if name not in state.options:
+            raise errors.unknown_adapter(model, name, state.options)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(
@@ -161,9 +191,15 @@ def disable_adapters(model):
 
     No adapter applies: merged adapters are taken out of the kernels on entry
     and put back on exit, and layers and biases adapters own hold the base
-    model's values. Everything is restored on exit, even after an error.
-    Meant for inference and evaluation; the optimizer is left as it is, so
-    do not train inside the context.
+    model's values. Everything is restored on exit, bit for bit, even after
+    an error. Meant for inference and evaluation; the optimizer is left as
+    it is, so do not train inside the context.
+
+    Inside the context the adapters cannot change: `adapt`, `unload`,
+    `merge`, `unmerge`, `set_adapter`, `delete_adapter`, `combine` and
+    `load_adapter` raise `ValueError` (leave the context first), and so does
+    `model.save()` (the file would reload as the base model). Reading
+    adapters (`save_adapter`, `report`) works.
 
     Example:
 
@@ -180,27 +216,43 @@ def disable_adapters(model):
         yield model  # already inside a disable_adapters context
         return
     layers = adapted_layers(model)
-    saved = [(layer, layer.active_adapters, layer.merged_adapters) for layer in layers]
-    saved_active = list(state.active)
-    try:
-        for layer, _, merged in saved:
-            if merged:
-                layer.unmerge()
-            layer.set_active_adapters([])
-        state.active = []
+    merged = [layer for layer in layers if layer.merged_adapters]
+    # What the exit puts back, bit for bit: the merged kernels, the active
+    # and merged sets, the owned values. Verbs that change adapters are
+    # refused inside the context, so this snapshot stays valid.
+    entry = Snapshot(model, kernels=merged)
+    with transaction(model, "disable_adapters", kernels=merged):
+        for layer in merged:
+            layer.unmerge()
         state.disabled = True
-        owned.sync(model, state)
-        freezing.apply(model)
+    _refuse_saving(model)
+    try:
         yield model
     finally:
-        for layer, active, merged in saved:
-            layer.set_active_adapters(active)
-            if merged:
-                layer.merge(merged)
-        state.active = saved_active
-        state.disabled = False
-        owned.sync(model, state)
-        freezing.apply(model)
+        _allow_saving(model)
+        entry.restore()
+
+
+def _refuse_saving(model):
+    """Inside the context a `.keras` file would record every adapter as
+    switched off and reload as the base model: `get_config` (what
+    `model.save()`, `to_json` and `clone_model` call) refuses instead."""
+
+    def get_config():
+        raise ValueError(
+            f"keras_lowrank: model '{model.name}' is inside "
+            "`keras_lowrank.disable_adapters(model)`, where its adapters are "
+            "switched off; a file saved now would reload as the base model. "
+            "Save it outside the context (the file keeps the adapters), or "
+            "save the base model with keras_lowrank.unload(model) first."
+        )
+
+    # An instance attribute shadows the class's method for this model only.
+    object.__setattr__(model, "get_config", get_config)
+
+
+def _allow_saving(model):
+    model.__dict__.pop("get_config", None)
 
 
 def delete_adapter(model, name):
@@ -224,29 +276,32 @@ def delete_adapter(model, name):
     ['b']
     """
     state = state_of(model)
-    if name not in state.options:
-        raise ValueError(
-            f"keras_lowrank: model '{model.name}' has no adapter named "
-            f"{name!r}; it has {sorted(state.options)}."
+    if not isinstance(name, str):
+        raise TypeError(
+            "keras_lowrank: delete_adapter() takes one adapter name (a "
+            f"string), got {type(name).__name__} ({name!r}). Pass one of "
+            f"{sorted(state.options)}."
         )
-    before = freezing.trainable_ids(model)
-    state.active = [n for n in state.active if n != name]
-    owned.sync(model, state)  # the base values go back where `name` held
-    for layer in adapted_layers(model):
-        if name in layer.adapter_names:
+    if name not in state.options:
+        raise errors.unknown_adapter(model, name, state.options)
+    layers = [l for l in adapted_layers(model) if name in l.adapter_names]
+    kernels = [
+        layer
+        for layer in layers
+        if name in layer.merged_adapters
+        or layer.adapter_spec(name).rewrites_kernel
+    ]
+    with transaction(model, "delete_adapter", kernels=kernels):
+        state.active = [n for n in state.active if n != name]
+        owned.sync(model, state)  # the base values go back where `name` held
+        for layer in layers:
             layer.delete_adapter(name)
-        if not layer.adapter_names:
-            type(layer).revert(layer)
-    del state.options[name]
-    owned.remove_owner(state, name)
-    if not state.options:
-        from keras_lowrank.surgery.adapt import restore_plain_trainability
-
-        unmark_adapted(model)
-        del model._keras_lowrank
-        restore_plain_trainability(model, state)
-    else:
-        freezing.apply(model)
-    freezing.refresh_optimizer(model, before)
+            if not layer.adapter_names:
+                type(layer).revert(layer)
+        del state.options[name]
+        owned.remove_owner(state, name)
+        if not state.options:
+            unmark_adapted(model)
+            del model._keras_lowrank
     gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
     return model

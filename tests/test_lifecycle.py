@@ -92,14 +92,159 @@ def test_disable_adapters_runs_the_base_model_and_restores_everything():
             pass
         assert model.get_layer("d2").merged_adapters == []
     assert model.get_layer("d2").merged_adapters == ["a", "b"]
-    for layer, kernel in zip(model.layers, kernels):
-        np.testing.assert_allclose(to_np(layer.kernel), kernel, atol=1e-6)
+    for layer, kernel in zip(model.layers, kernels):  # put back bit for bit
+        np.testing.assert_array_equal(to_np(layer.kernel), kernel)
     np.testing.assert_allclose(predict(model), expected, atol=1e-5)
     with pytest.raises(RuntimeError, match="boom"):
         with kl.disable_adapters(model):
             raise RuntimeError("boom")
     assert model._keras_lowrank.active == ["a", "b"]
     np.testing.assert_allclose(predict(model), expected, atol=1e-5)
+
+
+INSIDE_DISABLE = {
+    "delete_adapter": lambda m: kl.delete_adapter(m, "b"),
+    "unload": lambda m: kl.unload(m),
+    "set_adapter": lambda m: kl.set_adapter(m, "a"),
+    "merge": lambda m: kl.merge(m),
+    "unmerge": lambda m: kl.unmerge(m),
+    "adapt": lambda m: kl.adapt(m, rank=2, name="c", targets=["d1"]),
+    "combine": lambda m: kl.combine(m, ["a", "b"], [1, 1], "mix", how="cat"),
+}
+
+
+@pytest.mark.parametrize("verb", list(INSIDE_DISABLE))
+def test_verbs_that_change_adapters_are_refused_inside_disable_adapters(verb):
+    model = two_adapter_mlp()
+    expected = predict(model)
+    before = model_snapshot(model)
+    with kl.disable_adapters(model):
+        with pytest.raises(ValueError, match=re.escape(
+            f"keras_lowrank: {verb}() was called inside "
+            "`keras_lowrank.disable_adapters(model)` on model 'mlp'. The "
+            "context switches every adapter off for its duration and puts "
+            f"them back on exit; leave the context first, then call {verb}()."
+        )):
+            INSIDE_DISABLE[verb](model)
+    assert_same_snapshot(before, model_snapshot(model))
+    np.testing.assert_array_equal(predict(model), expected)
+    # Not stuck: the next context disables again, and the verb works outside.
+    with kl.disable_adapters(model):
+        np.testing.assert_allclose(predict(model), reference_mlp(model, X, []), atol=1e-5)
+    INSIDE_DISABLE[verb](model)
+
+
+def test_saving_inside_disable_adapters_is_refused_and_works_outside(tmp_path):
+    model = two_adapter_mlp()
+    kl.merge(model)
+    expected = predict(model)
+    path = str(tmp_path / "m.keras")
+    with kl.disable_adapters(model):
+        with pytest.raises(ValueError, match=re.escape(
+            "model 'mlp' is inside `keras_lowrank.disable_adapters(model)`, "
+            "where its adapters are switched off; a file saved now would "
+            "reload as the base model. Save it outside the context"
+        )):
+            model.save(path)
+    model.save(path)
+    loaded = kl.load_model(path, compile=False)
+    np.testing.assert_allclose(predict(loaded), expected, atol=1e-5)
+    assert loaded.get_layer("d2").active_adapters == ["b"]
+
+
+def test_deleting_a_pissa_adapter_refused_at_a_later_layer_changes_nothing():
+    # Issue 12, fix 1: d1 used to be reverted before d2 refused.
+    model = mlp()
+    kl.adapt(model, rank=2, name="p", targets=["d1", "d2"], init="pissa", seed=1)
+    kl.adapt(model, rank=2, name="q", targets=["d2"], method="dora", seed=2)
+    randomize(model)
+    kl.set_adapter(model, ["p", "q"])
+    expected = predict(model)
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=(
+        r"layer '(mlp/)?d2': deleting the init='pissa' adapter 'p' restores "
+        r"the kernel, which would change the DoRA adapter 'q'"
+    )):
+        kl.delete_adapter(model, "p")
+    assert_same_snapshot(before, model_snapshot(model))
+    np.testing.assert_array_equal(predict(model), expected)
+    kl.delete_adapter(model, "q")
+    kl.delete_adapter(model, "p")
+    assert type(model) is keras.Sequential
+
+
+def test_adapting_a_model_that_holds_an_adapted_model_is_refused():
+    # Issue 12, fix 6: the inner adapter used to be switched off silently.
+    inner = mlp(name="inner")
+    kl.adapt(inner, rank=2, targets=["d1"], seed=1)
+    randomize(inner)
+    outer = keras.Sequential(
+        [keras.Input((8,)), inner, keras.layers.Dense(3, name="head")],
+        name="outer",
+    )
+    expected = predict(outer)
+    with pytest.raises(ValueError, match=re.escape(
+        "layer 'inner' of model 'outer' is an adapted model itself; adapters "
+        "of nested models cannot be managed from the outer model."
+    )):
+        kl.adapt(outer, rank=2, targets=["head"])
+    assert not hasattr(outer, "_keras_lowrank") and type(outer) is keras.Sequential
+    assert inner.get_layer("d1").active_adapters == ["default"]
+    np.testing.assert_array_equal(predict(outer), expected)
+    kl.unload(inner)  # the way the message offers
+    kl.adapt(outer, rank=2, targets=["head"])
+    assert type(inner) is keras.Sequential
+
+
+def test_bad_argument_types_name_the_argument():
+    model = two_adapter_mlp()
+    with pytest.raises(TypeError, match=re.escape(
+        "set_adapter() takes `names` as an adapter name or a list of names, "
+        "got NoneType (None). Pass one of ['a', 'b']; to run the base model, "
+        "use `with keras_lowrank.disable_adapters(model):`."
+    )):
+        kl.set_adapter(model, None)
+    with pytest.raises(TypeError, match=re.escape(
+        "set_adapter() takes adapter names as strings, got int (1) in `names`"
+    )):
+        kl.set_adapter(model, ["a", 1])
+    with pytest.raises(TypeError, match=re.escape(
+        "delete_adapter() takes one adapter name (a string), got list (['a'])"
+    )):
+        kl.delete_adapter(model, ["a"])
+    with pytest.raises(TypeError, match=re.escape(
+        "combine() takes `weights` as 2 number(s), one per adapter in "
+        "['a', 'b'], got NoneType (None). Pass e.g. weights=[1.0, 1.0]."
+    )):
+        kl.combine(model, ["a", "b"], None, "mix", how="cat")
+    with pytest.raises(TypeError, match=re.escape(
+        "combine() takes `names` as an adapter name or a list of names, got "
+        "NoneType (None)"
+    )):
+        kl.combine(model, None, [1], "mix", how="cat")
+    with pytest.raises(TypeError, match=re.escape(
+        "combine() takes adapter names as strings, got int (3) in `names`"
+    )):
+        kl.combine(model, ["a", 3], [1, 1], "mix", how="cat")
+    with pytest.raises(ValueError, match=r"unknown combination how=None"):
+        kl.combine(model, ["a", "b"], [1, 1], "mix", how=None)
+    with pytest.raises(ValueError, match=re.escape(
+        "model 'mlp' has no adapter named 'z'; it has ['a', 'b']. Use one of "
+        "those names."
+    )):
+        kl.delete_adapter(model, "z")
+
+
+def test_the_model_state_is_the_one_record_of_the_active_set():
+    from keras_lowrank.state.refresh import refresh
+
+    model = two_adapter_mlp()
+    model._keras_lowrank.active = ["a", "b"]
+    refresh(model)
+    assert [model.get_layer(n).active_adapters for n in ("d1", "d2", "out")] == [
+        ["a"], ["a", "b"], ["b"]
+    ]
+    np.testing.assert_allclose(predict(model), reference_mlp(model, X, ["a", "b"]), atol=1e-5)
 
 
 def test_delete_adapter_removes_variables_and_matches_the_closed_form():

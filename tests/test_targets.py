@@ -10,7 +10,7 @@ import pytest
 
 import keras_lowrank
 import model_kinds
-from keras_lowrank.state.model_state import manifest
+from keras_lowrank.io.manifest import manifest
 from keras_lowrank.state.model_state import state_of
 from model_kinds import fingerprint
 

@@ -54,6 +54,8 @@ class LowRankLayer:
 
     # The plain Keras class each adapter class extends; set by subclasses.
     base_class = None
+    # Read by `convert.is_adapter_layer`.
+    _is_lowrank_layer = True
 
     # --- construction -----------------------------------------------------
 

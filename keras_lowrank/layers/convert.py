@@ -18,12 +18,16 @@ from keras_lowrank.spec import where
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def is_adapter_layer(layer):
+    """Whether `layer` is a `LowRankLayer` (read from a class flag, so this
+    module need not import `base`, which imports it)."""
+    return getattr(type(layer), "_is_lowrank_layer", False)
+
+
 def check_convertible(cls, layer, path=None):
     """See `LowRankLayer.check_convertible`."""
-    from keras_lowrank.layers.base import LowRankLayer
-
     path = path or path_of(layer)
-    if isinstance(layer, LowRankLayer):
+    if is_adapter_layer(layer):
         if not isinstance(layer, cls):
             raise TypeError(
                 f"{where(path)}: the layer is a {type(layer).__name__} "
@@ -87,9 +91,7 @@ def check_options(cls, layer, path):
 
 def become(cls, layer):
     """Changes `layer`'s class to `cls` and gives it an empty `AdapterSet`."""
-    from keras_lowrank.layers.base import LowRankLayer
-
-    if isinstance(layer, LowRankLayer):
+    if is_adapter_layer(layer):
         return
     original = type(layer)
     keras_private.swap_class(layer, cls)
@@ -100,9 +102,7 @@ def become(cls, layer):
 
 def revert(layer):
     """Undoes `become` on a layer that holds no adapter (any more)."""
-    from keras_lowrank.layers.base import LowRankLayer
-
-    if not isinstance(layer, LowRankLayer):
+    if not is_adapter_layer(layer):
         return
     if layer._lowrank.specs:
         raise ValueError(

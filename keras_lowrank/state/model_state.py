@@ -19,10 +19,14 @@ class ModelState:
             resolved `"layers"` it adapts, the `"kept"` layer paths it keeps
             fully trainable and the `"owned"` weight keys it has its own copy
             of (see `keras_lowrank.state.owned`).
-        active: names of the active adapters, in order.
+        active: names of the active adapters, in order: the one record of
+            the active set. Each layer's own active list is derived from it
+            by `keras_lowrank.state.refresh.refresh`, which every verb runs
+            after a change.
         frozen_before: paths of layers that were already frozen before the
             first `adapt()`; `unload` restores them.
-        disabled: while True (inside `disable_adapters`), no adapter applies.
+        disabled: while True (inside `disable_adapters`), no adapter applies;
+            `active` keeps the set that applies again on exit.
         stash: owner (adapter name or `owned.BASE`) -> `{key: np.ndarray}`,
             the owned values not currently in the model's variables.
         holders: key -> the adapter whose value the variable holds now

@@ -2,8 +2,9 @@
 
 Both work in place on the layer objects the model already holds (subclassed
 and KerasHub models cannot have sublayers swapped after build), and both are
-all-or-nothing: every check runs before the first change, and a failure
-half-way rolls every change back.
+all-or-nothing: every check runs before the first change, and each runs as
+a `keras_lowrank.state.transaction.transaction`, so a failure half-way (at
+any layer, of any kind) rolls every change back.
 """
 
 import gc
@@ -11,7 +12,7 @@ import numbers
 
 import keras
 
-from keras_lowrank.surgery import freezing
+from keras_lowrank.lifecycle import check_activatable
 from keras_lowrank.state import owned
 from keras_lowrank.surgery import targets as targeting
 from keras_lowrank.layers import LowRankLayer
@@ -23,9 +24,10 @@ from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.io.keras_file import mark_adapted
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.io.keras_file import unmark_adapted
+from keras_lowrank.state.transaction import check_not_disabled
+from keras_lowrank.state.transaction import transaction
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
-from keras_lowrank.surgery.walk import sublayers
 from keras_lowrank.surgery.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
@@ -139,7 +141,10 @@ def adapt(
     return model
 
 
-def install(model, name, plan, record, seed=None, factors=None, owned_values=None):
+def install(
+    model, name, plan, record, seed=None, factors=None, owned_values=None,
+    verb="adapt",
+):
     """Adds adapter `name` to the layers of `plan` and makes it the only
     active adapter; the one path `adapt()`, `combine()` and `load_adapter()`
     share. All-or-nothing: a failure rolls every change back.
@@ -157,6 +162,7 @@ def install(model, name, plan, record, seed=None, factors=None, owned_values=Non
             owns (the record's `"owned"` keys, computed from `"kept"` and
             `"bias"` when absent); missing keys start as copies of the base
             model's values.
+        verb: the calling verb's name, for messages.
     """
     state = state_of(model, required=False)
     if state is not None and name in state.options:
@@ -165,29 +171,29 @@ def install(model, name, plan, record, seed=None, factors=None, owned_values=Non
             f"named {name!r}. Use another name, or "
             "keras_lowrank.delete_adapter(model, name) first."
         )
-    _check_activatable(model, [name])
+    check_not_disabled(model, verb)
+    _check_not_nested(model)
+    check_activatable(model, [name])
     keys = record.get("owned")
     if keys is None:
         keys = owned.keys_for(
             model, record["kept"], record["bias"], record["layers"]
         )
         record = {**record, "owned": keys}
-    variables = []
-    if state is not None:
-        variables = list(owned.resolve(model, owned.all_keys(state)).values())
-    variables += list(owned.resolve(model, keys).values())
-    before = freezing.trainable_ids(model)
-    init = plan[0][1].init if plan else "default"
-    layers = {id(v.layer): v.layer for v, _ in plan}
-    layers.update({id(layer): layer for layer in adapted_layers(model)})
-    snapshot = _Snapshot(
+    # The kernel backup follows the spec: only adapters whose init rewrites
+    # the kernel, and only when they are initialised here.
+    kernels = [
+        visit.layer
+        for visit, spec in plan
+        if spec.rewrites_kernel and factors is None
+    ]
+    with transaction(
         model,
-        list(layers.values()),
-        init,
-        variables,
-        kernel_layers=[visit.layer for visit, _ in plan],
-    )
-    try:
+        verb,
+        layers=[visit.layer for visit, _ in plan],
+        kernels=kernels,
+        variables=owned.resolve(model, keys).values(),
+    ):
         if state is None:
             state = ModelState()
             state.frozen_before = [v.path for v in walk(model) if not v.layer.trainable]
@@ -206,15 +212,7 @@ def install(model, name, plan, record, seed=None, factors=None, owned_values=Non
         state.options[name] = record
         state.active = [name]
         model._keras_lowrank = state
-        for layer in adapted_layers(model):
-            layer.set_active_adapters([name] if name in layer.adapter_names else [])
         mark_adapted(model)
-        owned.sync(model, state)
-        freezing.apply(model)
-    except BaseException:
-        snapshot.restore()
-        raise
-    freezing.refresh_optimizer(model, before)
     return model
 
 
@@ -244,37 +242,29 @@ def unload(model, quantized="error"):
     >>> type(keras_lowrank.unload(model).layers[0]).__name__
     'Dense'
     """
-    state = state_of(model)
-    before = freezing.trainable_ids(model)
+    state_of(model)
     layers = adapted_layers(model)
-    dequantized = quantization.prepare_merge(
-        layers, quantized, quantization.UNLOAD_POLICIES, "unload"
-    )
-    for layer in layers:
-        layer.merge()
-    for layer in layers:
-        for name in layer.adapter_names:
-            layer.forget_adapter(name)
-        type(layer).revert(layer)
-    if quantized == "requantize":
-        quantization.requantize_merged(dequantized)
-    unmark_adapted(model)
-    del model._keras_lowrank
-    restore_plain_trainability(model, state)
-    freezing.refresh_optimizer(model, before)
+    merging = [
+        layer
+        for layer in layers
+        if any(n not in layer.merged_adapters for n in layer.active_adapters)
+    ]
+    with transaction(model, "unload", kernels=merging):
+        dequantized = quantization.prepare_merge(
+            layers, quantized, quantization.UNLOAD_POLICIES, "unload"
+        )
+        for layer in layers:
+            layer.merge()
+        for layer in layers:
+            for name in layer.adapter_names:
+                layer.forget_adapter(name)
+            type(layer).revert(layer)
+        if quantized == "requantize":
+            quantization.requantize_merged(dequantized)
+        unmark_adapted(model)
+        del model._keras_lowrank
     gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
     return model
-
-
-def restore_plain_trainability(model, state):
-    """Trainable flags of a model that no longer holds adapters: everything
-    trainable, except layers that were frozen before the first `adapt()`."""
-    freezing.make_all_trainable(model)
-    frozen = set(state.frozen_before)
-    for visit in walk(model):
-        if visit.path in frozen:
-            visit.layer.trainable = False
-    freezing.reset_compiled_functions(model)
 
 
 # --- checks -----------------------------------------------------------------
@@ -402,16 +392,20 @@ def _adapted_paths(model, plan):
     ]
 
 
-def _check_activatable(model, names):
-    """Raises if making exactly `names` active would switch off an adapter
-    that is merged into a kernel."""
-    for visit in adapted_visits(model):
-        stuck = [n for n in visit.layer.merged_adapters if n not in names]
-        if stuck:
+def _check_not_nested(model):
+    """Raises if a model inside `model` holds adapters of its own: its
+    verbs and `model`'s would fight over the same layers (the outer adapt
+    would switch the inner adapter off, and the outer unload would leave the
+    inner model an adapted model)."""
+    for visit in walk(model):
+        if state_of(visit.layer, required=False) is not None:
             raise ValueError(
-                f"keras_lowrank: adapter {stuck[0]!r} is merged into layer "
-                f"'{visit.path}'; call keras_lowrank.unmerge(model) before "
-                "switching it off."
+                f"keras_lowrank: layer '{visit.path}' of model '{model.name}' "
+                "is an adapted model itself; adapters of nested models cannot "
+                "be managed from the outer model. Either manage the adapters "
+                f"on '{visit.path}' alone (they train inside the outer model "
+                f"as they are), or call keras_lowrank.unload() on "
+                f"'{visit.path}' first, then adapt the outer model."
             )
 
 
@@ -444,70 +438,3 @@ def _pattern_record(pattern):
     if not pattern:
         return {}
     return {targeting.describe(key): value for key, value in pattern.items()}
-
-
-class _Snapshot:
-    """Everything adapt() may change, to put back if it fails half-way."""
-
-    def __init__(self, model, layers, init, variables=(), kernel_layers=None):
-        kernel_layers = layers if kernel_layers is None else kernel_layers
-        self.model = model
-        self.model_class = type(model)
-        self.state = getattr(model, "_keras_lowrank", None)
-        self.state_copy = None
-        if self.state is not None:
-            import copy
-
-            self.state_copy = copy.deepcopy(self.state)
-        self.layers = [(layer, type(layer), _layer_state(layer)) for layer in layers]
-        self.flags = [(w, w.trainable) for w in model.weights]
-        # Owned weights (heads, biases) that sync() may swap.
-        unique = {id(v): v for v in variables}.values()
-        self.values = [(v, keras.ops.convert_to_numpy(v)) for v in unique]
-        self.layer_flags = [(v.layer, v.layer.trainable) for v in walk(model)]
-        # PiSSA/OLoRA rewrite the kernel: keep a copy to put back.
-        self.kernels = []
-        if init in ("pissa", "olora"):
-            for layer in kernel_layers:
-                variable = adapter_class_for(layer).kernel_variable(layer)
-                self.kernels.append(
-                    (variable, keras.ops.convert_to_numpy(variable))
-                )
-
-    def restore(self):
-        for layer, cls, layer_state in self.layers:
-            if isinstance(layer, LowRankLayer):
-                for name in layer.adapter_names:
-                    if layer_state is None or name not in layer_state[0]:
-                        layer.forget_adapter(name)
-                if layer_state is None:
-                    type(layer).revert(layer)
-                else:
-                    layer.restore_state(layer_state[1], layer_state[2])
-        for variable, value in self.kernels + self.values:
-            variable.assign(value)
-        if self.state is None:
-            if hasattr(self.model, "_keras_lowrank"):
-                del self.model._keras_lowrank
-        else:
-            self.model._keras_lowrank = self.state_copy
-        self.model.__class__ = self.model_class
-        # Containers first (outer before inner), then leaves: setting a
-        # container's flag recurses into every layer under it, shared input
-        # layers included, so leaves must come last to keep their own flags.
-        for leaves in (False, True):
-            for layer, flag in self.layer_flags:
-                if (not sublayers(layer)) == leaves:
-                    layer.trainable = flag
-        for weight, flag in self.flags:
-            weight.trainable = flag
-
-
-def _layer_state(layer):
-    if not isinstance(layer, LowRankLayer):
-        return None
-    return (
-        list(layer.adapter_names),
-        layer.active_adapters,
-        layer.merged_adapters,
-    )

@@ -1,7 +1,8 @@
 """Which weights train in an adapted model.
 
-The rule, applied as a whole every time the adapter state changes (adapt,
-set_adapter, delete, load), so it never depends on history:
+The rule, applied as a whole every time the adapter state changes (by
+`keras_lowrank.state.refresh.refresh`, after every verb), so it never
+depends on history:
 
 - the factors of active, unmerged adapters train;
 - a kernel that holds adapters never trains;
@@ -20,22 +21,37 @@ import keras
 
 from keras_lowrank import keras_private
 from keras_lowrank.layers import LowRankLayer
-from keras_lowrank.state.model_state import state_of
 from keras_lowrank.surgery.walk import own_weights
 from keras_lowrank.surgery.walk import sublayers
 from keras_lowrank.surgery.walk import bias_weights
 from keras_lowrank.surgery.walk import walk
 
 
-def apply(model):
-    """Sets every weight's `trainable` flag in `model` from its adapter state."""
-    state = state_of(model)
+def apply(model, state=None):
+    """Sets every weight's `trainable` flag in `model` from its adapter state
+    and drops the compiled functions.
+
+    Verbs call `keras_lowrank.state.refresh.refresh` instead, which also
+    pushes the active set and refreshes the optimizer; this is for code that
+    rebuilt a model's state from a file.
+
+    Args:
+        model: an adapted model.
+        state: its `ModelState` (default: the one the model holds).
+    """
+    set_flags(model, model._keras_lowrank if state is None else state)
+    reset_compiled_functions(model)
+
+
+def set_flags(model, state):
+    """Sets every weight's `trainable` flag in `model` from `state` (the
+    rule in the module docstring)."""
     visits = walk(model)
     kept = set(state.kept)
     make_all_trainable(model)
+    active = [] if state.disabled else state.active
     bias_everywhere = any(
-        state.options.get(name, {}).get("bias") == "all"
-        for name in state.active
+        state.options.get(name, {}).get("bias") == "all" for name in active
     )
     for visit in visits:
         layer = visit.layer
@@ -52,7 +68,17 @@ def apply(model):
         for visit in visits:
             for bias in bias_weights(visit.layer):
                 bias.trainable = True
-    reset_compiled_functions(model)
+
+
+def set_plain_flags(model, frozen_before):
+    """Trainable flags of a model that no longer holds adapters: everything
+    trainable, except the layers at the paths `frozen_before` (those frozen
+    before the first `adapt()`)."""
+    make_all_trainable(model)
+    frozen = set(frozen_before)
+    for visit in walk(model):
+        if visit.path in frozen:
+            visit.layer.trainable = False
 
 
 def make_all_trainable(model):

@@ -1,0 +1,79 @@
+"""The one refresh every verb runs after it changed a model's adapters.
+
+The model's `ModelState` is the source of truth for which adapters are
+active (and whether `disable_adapters` switched them all off); each layer's
+own active list is derived from it here, never set by a verb directly.
+`refresh` then brings everything that depends on the adapter state up to
+date, always in this order:
+
+1. the active set: each adapted layer gets the model's active adapters that
+   it holds (none while disabled), and the values adapters own (task heads,
+   biases) are swapped in (`owned.sync`);
+2. trainability (`freezing.set_flags`);
+3. the compiled train/test/predict functions are dropped (Keras re-traces
+   them with the new state);
+4. a compiled model whose trainable variables changed gets a fresh
+   optimizer of the same configuration (`freezing.refresh_optimizer`).
+
+A model left without adapters (`unload`, deleting the last adapter) gets
+the trainable flags of a plain model instead of steps 1–2.
+
+Verbs do not call `refresh` themselves: `keras_lowrank.state.transaction`
+calls it when a verb's `with transaction(...)` block ends without error,
+inside the transaction, so a failing refresh is rolled back too.
+"""
+
+from keras_lowrank.state import owned
+from keras_lowrank.state.model_state import adapted_layers
+from keras_lowrank.state.model_state import state_of
+from keras_lowrank.surgery import freezing
+
+
+def effective_active(state):
+    """The adapters that apply now: `state.active`, or none while disabled."""
+    return [] if state.disabled else list(state.active)
+
+
+def push_active(model, state):
+    """Step 1: gives every adapted layer the active adapters it holds, in the
+    model's order, and swaps in the owned values of the active adapters."""
+    active = effective_active(state)
+    for layer in adapted_layers(model):
+        names = layer.adapter_names
+        wanted = [n for n in active if n in names]
+        if layer.active_adapters != wanted:
+            layer.set_active_adapters(wanted)
+    owned.sync(model, state)
+
+
+def refresh(model, before=None, frozen_before=()):
+    """Brings `model` up to date with its adapter state (see the module
+    docstring for the order).
+
+    Args:
+        model: the model a verb just changed.
+        before: `freezing.trainable_ids(model)` taken before the change, or
+            `None` to leave the optimizer alone.
+        frozen_before: for a model that no longer holds adapters: the paths
+            of the layers that were frozen before its first `adapt()`.
+
+    Example:
+
+    >>> import keras, keras_lowrank
+    >>> from keras_lowrank.state.refresh import refresh
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+    ...                           keras.layers.Dense(2)])
+    >>> _ = keras_lowrank.adapt(model, rank=2)
+    >>> refresh(model)
+    >>> model.layers[0].active_adapters
+    ['default']
+    """
+    state = state_of(model, required=False)
+    if state is None:
+        freezing.set_plain_flags(model, frozen_before)
+    else:
+        push_active(model, state)
+        freezing.set_flags(model, state)
+    freezing.reset_compiled_functions(model)
+    if before is not None:
+        freezing.refresh_optimizer(model, before)
