@@ -303,5 +303,5 @@ def delete_adapter(model, name):
         if not state.options:
             unmark_adapted(model)
             del model._keras_lowrank
-    gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
+    gc.collect()  # free the factors' buffers now (see keras_private.delete_variable)
     return model

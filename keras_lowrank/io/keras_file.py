@@ -33,6 +33,7 @@ import urllib.parse
 import keras
 import numpy as np
 
+from keras_lowrank import keras_private
 from keras_lowrank.io import manifest as manifest_lib
 from keras_lowrank.layers import quantized
 from keras_lowrank.state import owned
@@ -193,14 +194,14 @@ def mark_adapted(model):
         )(cls)
         keras.saving.get_custom_objects()[REGISTERED_NAME] = AdaptedModel
         _ADAPTED_CLASSES[original] = cls
-    model.__class__ = cls
+    keras_private.swap_class(model, cls)
 
 
 def unmark_adapted(model):
     """Gives `model` back its original class."""
     if isinstance(model, AdaptedModel):
         quantized.remove_model_hook(model)
-        model.__class__ = type(model)._keras_lowrank_original
+        keras_private.swap_class(model, type(model)._keras_lowrank_original)
 
 
 def adopt(model):

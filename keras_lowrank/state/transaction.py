@@ -57,6 +57,7 @@ import copy
 import keras
 import numpy as np
 
+from keras_lowrank import keras_private
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.state import owned
@@ -203,7 +204,7 @@ class Snapshot:
             if issubclass(self.model_class, AdaptedModel):
                 mark_adapted(model)
         if type(model) is not self.model_class:
-            model.__class__ = self.model_class
+            keras_private.swap_class(model, self.model_class)
         self._restore_flags()
         if self.optimizer is not None and model.optimizer is not self.optimizer:
             model.optimizer = self.optimizer

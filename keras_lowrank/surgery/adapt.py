@@ -263,7 +263,7 @@ def unload(model, quantized="error"):
             quantization.requantize_merged(dequantized)
         unmark_adapted(model)
         del model._keras_lowrank
-    gc.collect()  # free the factors' buffers now (see layers.base._delete_variable)
+    gc.collect()  # free the factors' buffers now (see keras_private.delete_variable)
     return model
 
 
