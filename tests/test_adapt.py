@@ -116,7 +116,7 @@ ERROR_CASES = {
         r"targets entry 'no_such_layer' matched no layer in model",
     ),
     "only unadaptable layers": (
-        dict(targets=r".*norm.*|.*dropout.*|block|pool"),
+        dict(targets=r".*norm.*|.*dropout.*|block|pool|tower"),
         ValueError,
         r"matched no adaptable layer in model",
     ),
