@@ -9,6 +9,7 @@ afterwards outputs, every weight (bit for bit), layer classes, trainable
 flags, adapters, active and merged sets and the model state are as before.
 """
 
+import keras
 import numpy as np
 import pytest
 from _lifecycle_helpers import assert_same_snapshot
@@ -148,3 +149,127 @@ def test_a_failed_verb_keeps_the_optimizer_and_training_works(monkeypatch):
     after = model_snapshot(model)["weights"]
     changed = [p for (p, _, v), (_, _, w) in zip(before, after) if not np.array_equal(v, w)]
     assert changed and all("lowrank_" in p and p.endswith("_a") for p in changed)
+
+
+# --- the verbs that read or write files ---------------------------------------
+#
+# verb -> (kinds, prepare(model, folder), call(model, folder), fault): the
+# fault is `(owner, attribute)`, patched to raise on its second call.
+
+
+def _save_a(model, folder):
+    kl.save_adapter(model, folder / "a.safetensors", "a")
+
+
+def _save_a_then_change_it_and_merge(model, folder):
+    # The file holds other values than the model's merged adapter "a":
+    # loading unmerges, assigns, and merges again.
+    _save_a(model, folder)
+    randomize_adapters(model, seed=7)
+    kl.merge(model)  # "a" is the active adapter
+
+
+def _export_b(model, folder):
+    kl.export_peft_adapter(model, folder / "peft", "b")
+
+
+def _export_module():
+    from keras_lowrank.integrations.peft import export
+
+    return export
+
+
+HUB_KINDS = ["bert_classifier"]
+FILE_VERBS = {
+    "load_adapter (new name)": (
+        MODEL_KINDS, _save_a,
+        lambda m, f: kl.load_adapter(m, f / "a.safetensors", "c"),
+        (LowRankLayer, "add_adapter"),
+    ),
+    "load_adapter (into a merged adapter)": (
+        MODEL_KINDS, _save_a_then_change_it_and_merge,
+        lambda m, f: kl.load_adapter(m, f / "a.safetensors"),
+        (LowRankLayer, "merge"),
+    ),
+    "load_peft_adapter": (
+        HUB_KINDS, _export_b,
+        lambda m, f: kl.load_peft_adapter(m, f / "peft", "c"),
+        (LowRankLayer, "add_adapter"),
+    ),
+    "save_adapter": (
+        MODEL_KINDS, None,
+        lambda m, f: kl.save_adapter(m, f / "out.safetensors", "a"),
+        (LowRankLayer, "adapter_for_original_kernel"),
+    ),
+    "export_peft_adapter": (
+        HUB_KINDS, None,
+        lambda m, f: kl.export_peft_adapter(m, f / "out", "b"),
+        (_export_module, "peft_factors"),
+    ),
+}
+FILE_VARIANTS = {
+    # Only LoRA exports to PEFT ("b" is LoRA in every variant).
+    "load_peft_adapter": ["lora"],
+    "export_peft_adapter": ["lora"],
+    # A PiSSA adapter's file holds its rank-2r equivalent on the original
+    # kernel, which the model's own PiSSA adapter refuses (another spec).
+    "load_adapter (into a merged adapter)": ["lora", "dora"],
+}
+FILE_CASES = [
+    (kind_name, verb, variant)
+    for verb, (kinds, _, _, _) in FILE_VERBS.items()
+    for kind_name in kinds
+    for variant in FILE_VARIANTS.get(verb, list(VARIANTS))
+]
+
+
+@pytest.mark.parametrize("kind_name, verb, variant", FILE_CASES)
+def test_a_fault_in_a_file_verb_leaves_the_model_and_folder_as_they_were(
+    kind_name, verb, variant, monkeypatch, tmp_path
+):
+    kinds, prepare, call, (owner, attribute) = FILE_VERBS[verb]
+    kind, model = build(kind_name, variant)
+    if prepare is not None:
+        prepare(model, tmp_path)
+    inputs = kind.inputs()
+    expected = outputs(model, inputs)
+    before = model_snapshot(model)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    owner = owner() if callable(owner) and not isinstance(owner, type) else owner
+    original = getattr(owner, attribute)
+    calls = []
+
+    def faulty(*args, **kwargs):
+        calls.append(attribute)
+        if len(calls) == 2:
+            raise MemoryError(f"injected: {attribute}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, faulty)
+    with pytest.raises(MemoryError, match=f"injected: {attribute}"):
+        call(model, tmp_path)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert_same_snapshot(before, model_snapshot(model))
+    np.testing.assert_array_equal(outputs(model, inputs), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    call(model, tmp_path)  # and the verb works afterwards
+
+
+def test_saving_an_adapter_from_a_callback_keeps_fit_running(tmp_path):
+    # save_adapter only reads the model: it must not drop the train
+    # function that fit() is running.
+    kind, model = build("sequential", "lora")
+    model.compile(optimizer="adam", loss="mse")
+    x = kind.inputs()
+    y = np.zeros(outputs(model, x).shape, "float32")
+    saved = []
+
+    class SaveEachBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            path = tmp_path / f"step{batch}.safetensors"
+            saved.append(kl.save_adapter(self.model, path, "a"))
+
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[SaveEachBatch()])
+    assert len(saved) >= 2
+    assert model.train_function is not None

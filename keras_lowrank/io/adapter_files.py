@@ -17,8 +17,6 @@ still opens it. Loading parses JSON and raw tensors only: no pickle, no code
 from the file runs. (PEFT folders: see `load_peft_adapter`.)
 """
 
-import copy
-
 import keras
 import numpy as np
 
@@ -32,6 +30,7 @@ from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import state_of
+from keras_lowrank.state.transaction import transaction
 from keras_lowrank.version import __version__
 
 _FIX = "write it again with keras_lowrank.save_adapter()"
@@ -75,9 +74,10 @@ def save_adapter(model, path, name=None):
     'task'
     """
     file = safetensors_io.check_path(path, "path", "save_adapter(model, path)")
-    state = keras_file.adopt(model) or state_of(model)
-    name = _pick_name(model, state, name)
-    config, tensors = _contents(model, state, name)
+    with transaction(model, "save_adapter", read_only=True):
+        state = keras_file.adopt(model) or state_of(model)
+        name = _pick_name(model, state, name)
+        config, tensors = _contents(model, state, name)
     safetensors_io.save_tensors(
         file, tensors, adapter_format.encode_config(config), what="adapter file",
         fix="Create the folder first, or save the adapter elsewhere.",
@@ -163,7 +163,10 @@ def load_adapter(model, path, name=None):
     record["layers"] = [visit.path for visit, _ in plan]
     record["kept"] = kept
     record["owned"] = list(values)
-    install(model, name, plan, record, factors=factors, owned_values=values)
+    install(
+        model, name, plan, record, factors=factors, owned_values=values,
+        verb="load_adapter",
+    )
     return model
 
 
@@ -325,20 +328,12 @@ def _replace_values(model, state, name, plan, factors, values, config, file):
             f"'{file}' ({sorted(values)}). Load it under another name, or "
             "delete_adapter first."
         )
-    saved_state = copy.deepcopy(state)
-    saved = []
-    for path, layer in mine.items():
-        variables = list(layer.adapter_variables(name).values())
-        if name in layer.merged_adapters:
-            variables.append(layer._kernel_variable())
-        saved += [(v, keras.ops.convert_to_numpy(v)) for v in variables]
+    merging = [layer for layer in mine.values() if name in layer.merged_adapters]
     live = [k for k in values if state.holders.get(k, owned.BASE) == name]
-    saved += [
-        (v, keras.ops.convert_to_numpy(v))
-        for v in owned.resolve(model, live).values()
-    ]
-    merged = {path: list(layer.merged_adapters) for path, layer in mine.items()}
-    try:
+    with transaction(
+        model, "load_adapter", kernels=merging,
+        variables=owned.resolve(model, live).values(),
+    ):
         for path, layer in mine.items():
             was_merged = name in layer.merged_adapters
             if was_merged:
@@ -350,10 +345,3 @@ def _replace_values(model, state, name, plan, factors, values, config, file):
                 layer.merge([name])
         for key, value in values.items():
             owned.set_value(model, state, name, key, value)
-    except BaseException:
-        for variable, value in saved:
-            variable.assign(value)
-        for path, layer in mine.items():
-            layer.restore_state(layer.active_adapters, merged[path])
-        model._keras_lowrank = saved_state
-        raise

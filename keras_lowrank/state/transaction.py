@@ -45,10 +45,12 @@ inside `combine`) joins it: it adds what it protects to the outer snapshot,
 and the outer transaction rolls back and refreshes. Verbs that change the
 adapters are refused inside `disable_adapters` (its exit could not put the
 model back otherwise); pass `while_disabled=True` for the ones that only
-read (saving an adapter file, say) or for `disable_adapters` itself.
+read, or for `disable_adapters` itself.
 
-Verbs that write files (`save_adapter`, `export_peft_adapter`) wrap the
-model-side part the same way and write the file atomically after the block.
+Verbs that write files (`save_adapter`, `export_peft_adapter`) only read
+the model: they gather what they write inside `transaction(...,
+read_only=True)` (no refresh afterwards: a callback may save in the middle
+of `fit`) and write the file or folder atomically after the block.
 """
 
 import contextlib
@@ -77,7 +79,8 @@ _OPEN = {}
 
 @contextlib.contextmanager
 def transaction(
-    model, verb, layers=None, kernels=(), variables=(), while_disabled=False
+    model, verb, layers=None, kernels=(), variables=(), while_disabled=False,
+    read_only=False,
 ):
     """Runs the block as one all-or-nothing change of `model`.
 
@@ -90,6 +93,11 @@ def transaction(
         kernels: the layers whose kernel the verb may write.
         variables: further variables whose values the verb may change.
         while_disabled: allow the verb inside `disable_adapters`.
+        read_only: the verb only reads the model (`save_adapter`,
+            `export_peft_adapter`; at most it adopts a cloned model's
+            state): allowed inside `disable_adapters`, and no refresh after
+            the block, so saving from a callback in the middle of `fit`
+            leaves the running train function alone.
 
     Yields:
         The `Snapshot` (`.before`: the trainable variables' ids on entry).
@@ -115,13 +123,14 @@ def transaction(
         outer.extend(layers or (), kernels, variables)
         yield outer
         return
-    if not while_disabled:
+    if not (while_disabled or read_only):
         check_not_disabled(model, verb)
     snapshot = Snapshot(model, layers or (), kernels, variables)
     _OPEN[id(model)] = snapshot
     try:
         yield snapshot
-        refresh(model, snapshot.before, snapshot.frozen_before)
+        if not read_only:
+            refresh(model, snapshot.before, snapshot.frozen_before)
     except BaseException:
         snapshot.restore()
         raise

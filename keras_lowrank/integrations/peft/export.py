@@ -25,6 +25,8 @@ from keras_lowrank.integrations.peft.mapping import most_common
 from keras_lowrank.integrations.peft.mapping import peft_factors
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.state.model_state import state_of
+from keras_lowrank.state.transaction import transaction
 from keras_lowrank.surgery.walk import find_layer
 from keras_lowrank.surgery.walk import walk
 
@@ -78,9 +80,17 @@ def export_peft_adapter(
     # PyTorch: PeftModel.from_pretrained(AutoModel..., "my-adapter")
     ```
     """
-    from keras_lowrank.state.model_state import state_of
-
     verb = "export_peft_adapter"
+    with transaction(model, verb, read_only=True):
+        config, tensors = _gather(
+            model, name, module_prefix, base_model_name_or_path, verb
+        )
+    peft_format.write_folder(os.fspath(path), config, tensors, verb)
+    return path
+
+
+def _gather(model, name, module_prefix, base_model_name_or_path, verb):
+    """`(config, tensors)` of the PEFT folder for adapter `name`."""
     target = Target.of(model, verb)
     state = state_of(model)
     name = _pick_adapter(model, state, name, verb)
@@ -113,8 +123,7 @@ def export_peft_adapter(
         target, ranks, alphas, spec, bias_policy, to_save,
         base_model_name_or_path, prefix,
     )
-    peft_format.write_folder(os.fspath(path), config, tensors, verb)
-    return path
+    return config, tensors
 
 
 def _mapped_layers(model, target, name, prefix, verb):

@@ -2,7 +2,8 @@
 
 The folder is read and checked (`format`, then `plan.plan_load`) before the
 model changes; then the adapter is added with `adapt()` and the planned
-values are assigned, all undone if an assignment fails.
+values are assigned, in one transaction: a failure anywhere (adapt, an
+assignment) leaves the model exactly as it was.
 """
 
 import os
@@ -17,6 +18,9 @@ from keras_lowrank.integrations.peft.mapping import most_common
 from keras_lowrank.integrations.peft.plan import plan_load
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.state.model_state import state_of
+from keras_lowrank.state.refresh import push_active
+from keras_lowrank.state.transaction import transaction
 from keras_lowrank.surgery.walk import walk
 
 
@@ -79,7 +83,6 @@ def load_peft_adapter(model, path, name=None):
 
 
 def _apply(model, target, config, plan, name):
-    from keras_lowrank import lifecycle
     from keras_lowrank.surgery.adapt import adapt
 
     rank = most_common(p.rank for p in plan.loras)
@@ -94,34 +97,33 @@ def _apply(model, target, config, plan, name):
             if any(v.layer is h for h in hub_integration.head_layers(model))
         ]
         trainable = heads + [p for p in plan.kept if p not in heads]
-    saved = [
-        (variable, keras.ops.convert_to_numpy(variable))
-        for variable, _, _ in plan.assigns
-    ]
-    adapt(
-        model,
-        rank=rank,
-        alpha=alpha,
-        targets=[p.path for p in plan.loras],
-        dropout=float(config.get("lora_dropout") or 0.0),
-        scaling="rslora" if config.get("use_rslora") else "standard",
-        method="dora" if config.get("use_dora") else "lora",
-        bias=config.get("bias", "none"),
-        trainable=trainable,
-        name=name,
-        rank_pattern={p.path: p.rank for p in odd} or None,
-        alpha_pattern={p.path: p.alpha for p in odd} or None,
-    )
-    # adapt() is all or nothing; what follows is undone here if it fails.
-    try:
+    # One transaction around adapt() (which joins it) and the values that
+    # follow: a failure anywhere leaves the model exactly as it was.
+    with transaction(
+        model, "load_peft_adapter",
+        variables=[variable for variable, _, _ in plan.assigns],
+    ):
+        adapt(
+            model,
+            rank=rank,
+            alpha=alpha,
+            targets=[p.path for p in plan.loras],
+            dropout=float(config.get("lora_dropout") or 0.0),
+            scaling="rslora" if config.get("use_rslora") else "standard",
+            method="dora" if config.get("use_dora") else "lora",
+            bias=config.get("bias", "none"),
+            trainable=trainable,
+            name=name,
+            rank_pattern={p.path: p.rank for p in odd} or None,
+            alpha_pattern={p.path: p.alpha for p in odd} or None,
+        )
+        # The joined adapt() does not refresh; the new adapter must hold
+        # the weights it owns (biases under bias="lora_only"/"all", kept
+        # layers) before the file's values go into them.
+        push_active(model, state_of(model))
         for p in plan.loras:
             variables = p.layer.adapter_variables(name)
             for key, value in p.values.items():
                 variables[key].assign(value)
         for variable, value, _ in plan.assigns:
             variable.assign(keras.ops.cast(value, variable.dtype))
-    except BaseException:
-        for variable, value in saved:
-            variable.assign(value)
-        lifecycle.delete_adapter(model, name)
-        raise
