@@ -133,11 +133,6 @@ def test_a_clone_is_a_working_adapted_model(kind, tmp_path):
     assert kl.read_adapter_config(adapter)["name"] == names[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs state_of() to call keras_lowrank.io.keras_file.adopt for a "
-    "model whose layers hold adapters but which has no state (io report)",
-)
 def test_a_sequential_clone_switches_without_an_explicit_adopt():
     model = switchable()
     clone = keras.models.clone_model(model)

@@ -40,6 +40,8 @@ from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import ModelState
 from keras_lowrank.state.model_state import adapted_layers
 from keras_lowrank.state.model_state import adapted_visits
+from keras_lowrank.state.model_state import own_state
+from keras_lowrank.state.model_state import register_adopter
 from keras_lowrank.state.model_state import state_of
 
 REGISTERED_NAME = "keras_lowrank>AdaptedModel"
@@ -236,10 +238,15 @@ def adopt(model):
     >>> adopt(clone).active
     ['task']
     """
-    state = getattr(model, "_keras_lowrank", None)  # not state_of: it may call adopt
+    state = own_state(model)
     if state is not None:
         return state
-    visits = adapted_visits(model)
+    # Adapter layers inside a nested model that has a state of its own are
+    # that model's: `model` holds an adapted model, it is not a clone.
+    visits = [
+        v for v in adapted_visits(model)
+        if not any(own_state(parent) is not None for parent in v.parents)
+    ]
     if not visits:
         return None
     from keras_lowrank.layers import LowRankLayer
@@ -292,6 +299,9 @@ def adopt(model):
     mark_adapted(model)
     freezing.apply(model)
     return state
+
+
+register_adopter(adopt)
 
 
 def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):

@@ -55,9 +55,37 @@ class ModelState:
         return out
 
 
+# `keras_lowrank.io.keras_file` registers its `adopt` here when it is
+# imported (it imports this module; the reverse would be a cycle). A copy
+# made by `keras.models.clone_model` holds adapter layers but no state: with
+# the adopter every verb works on it as on the original, with no extra call.
+_ADOPTERS = []
+
+
+def register_adopter(adopter):
+    """Makes `state_of` call `adopter(model)` for a model without a state;
+    it returns the model's new `ModelState`, or `None`."""
+    if adopter not in _ADOPTERS:
+        _ADOPTERS.append(adopter)
+
+
+def own_state(model):
+    """The `ModelState` `model` holds itself, or `None`; never adopts (a
+    sub-model's layers hold the outer model's adapters)."""
+    return getattr(model, "_keras_lowrank", None)
+
+
 def state_of(model, required=True):
-    """The `ModelState` of an adapted model (or `None` if `required=False`)."""
-    state = getattr(model, "_keras_lowrank", None)
+    """The `ModelState` of an adapted model (or `None` if `required=False`).
+
+    A model whose layers hold adapters but which has no state (a
+    `keras.models.clone_model` copy) gets one first, rebuilt from its layers
+    (`keras_lowrank.io.keras_file.adopt`)."""
+    state = own_state(model)
+    for adopter in _ADOPTERS if state is None else ():
+        state = adopter(model)
+        if state is not None:
+            break
     if state is None and required:
         raise ValueError(
             f"keras_lowrank: model '{model.name}' has no adapters. Call "

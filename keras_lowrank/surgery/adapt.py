@@ -22,6 +22,7 @@ from keras_lowrank.state.model_state import ModelState
 from keras_lowrank.state.model_state import adapted_layers
 from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.io.keras_file import mark_adapted
+from keras_lowrank.state.model_state import own_state
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.io.keras_file import unmark_adapted
 from keras_lowrank.state.transaction import check_not_disabled
@@ -398,7 +399,7 @@ def _check_not_nested(model):
     would switch the inner adapter off, and the outer unload would leave the
     inner model an adapted model)."""
     for visit in walk(model):
-        if state_of(visit.layer, required=False) is not None:
+        if own_state(visit.layer) is not None:
             raise ValueError(
                 f"keras_lowrank: layer '{visit.path}' of model '{model.name}' "
                 "is an adapted model itself; adapters of nested models cannot "
