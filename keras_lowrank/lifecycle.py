@@ -225,34 +225,13 @@ def disable_adapters(model):
         for layer in merged:
             layer.unmerge()
         state.disabled = True
-    _refuse_saving(model)
+    # While disabled, `model.save()` is refused by the manifest
+    # (`keras_lowrank.io.manifest.manifest`): the file would reload as the
+    # base model.
     try:
         yield model
     finally:
-        _allow_saving(model)
         entry.restore()
-
-
-def _refuse_saving(model):
-    """Inside the context a `.keras` file would record every adapter as
-    switched off and reload as the base model: `get_config` (what
-    `model.save()`, `to_json` and `clone_model` call) refuses instead."""
-
-    def get_config():
-        raise ValueError(
-            f"keras_lowrank: model '{model.name}' is inside "
-            "`keras_lowrank.disable_adapters(model)`, where its adapters are "
-            "switched off; a file saved now would reload as the base model. "
-            "Save it outside the context (the file keeps the adapters), or "
-            "save the base model with keras_lowrank.unload(model) first."
-        )
-
-    # An instance attribute shadows the class's method for this model only.
-    object.__setattr__(model, "get_config", get_config)
-
-
-def _allow_saving(model):
-    model.__dict__.pop("get_config", None)
 
 
 def delete_adapter(model, name):

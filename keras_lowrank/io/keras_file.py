@@ -43,6 +43,7 @@ from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import own_state
 from keras_lowrank.state.model_state import register_adopter
 from keras_lowrank.state.model_state import state_of
+from keras_lowrank.state.refresh import refresh
 
 REGISTERED_NAME = "keras_lowrank>AdaptedModel"
 _STASH_PREFIX = "lowrank_stash:"
@@ -153,11 +154,9 @@ class AdaptedModel:
         model = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
-        from keras_lowrank.surgery import freezing
-
         manifest_lib.restore(model, config["adapters"])
         mark_adapted(model)
-        freezing.apply(model)
+        refresh(model)  # the one refresh every verb runs
         return model
 
 
@@ -250,7 +249,6 @@ def adopt(model):
     if not visits:
         return None
     from keras_lowrank.layers import LowRankLayer
-    from keras_lowrank.surgery import freezing
     from keras_lowrank.surgery.walk import sublayers
     from keras_lowrank.surgery.walk import walk
 
@@ -297,7 +295,7 @@ def adopt(model):
                 state.active.append(name)
     model._keras_lowrank = state
     mark_adapted(model)
-    freezing.apply(model)
+    refresh(model)
     return state
 
 

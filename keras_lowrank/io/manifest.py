@@ -64,6 +64,16 @@ def manifest(model):
     keras_lowrank.io.manifest.ManifestError: keras_lowrank: the adapter manifest of this .keras file does not match its checksum: the file was edited or is corrupt. Save the model again from the original.
     """
     state = state_of(model)
+    if state.disabled:
+        # Every adapter is switched off for the context's duration: a file
+        # written now would record that and reload as the base model.
+        raise ValueError(
+            f"keras_lowrank: model '{model.name}' is inside "
+            "`keras_lowrank.disable_adapters(model)`, where its adapters are "
+            "switched off; a file saved now would reload as the base model. "
+            "Save it outside the context (the file keeps the adapters), or "
+            "save the base model with keras_lowrank.unload(model) first."
+        )
     layers = {}
     for visit in adapted_visits(model):
         layer = visit.layer

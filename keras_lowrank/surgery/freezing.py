@@ -27,22 +27,6 @@ from keras_lowrank.surgery.walk import bias_weights
 from keras_lowrank.surgery.walk import walk
 
 
-def apply(model, state=None):
-    """Sets every weight's `trainable` flag in `model` from its adapter state
-    and drops the compiled functions.
-
-    Verbs call `keras_lowrank.state.refresh.refresh` instead, which also
-    pushes the active set and refreshes the optimizer; this is for code that
-    rebuilt a model's state from a file.
-
-    Args:
-        model: an adapted model.
-        state: its `ModelState` (default: the one the model holds).
-    """
-    set_flags(model, model._keras_lowrank if state is None else state)
-    reset_compiled_functions(model)
-
-
 def set_flags(model, state):
     """Sets every weight's `trainable` flag in `model` from `state` (the
     rule in the module docstring)."""
