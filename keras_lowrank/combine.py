@@ -261,14 +261,7 @@ def _check_arguments(model, state, names, weights, name, how, rank):
     if not names:
         raise ValueError("keras_lowrank: combine() needs at least one adapter name.")
     for source in names:
-        if not isinstance(source, str):
-            raise TypeError(
-                "keras_lowrank: combine() takes adapter names as strings, got "
-                f"{type(source).__name__} ({source!r}) in `names`. Pass names "
-                f"from {sorted(state.options)}."
-            )
-        if source not in state.options:
-            raise errors.unknown_adapter(model, source, state.options)
+        errors.check_known_adapter(model, source, state.options, "combine")
     if len(set(names)) != len(names):
         raise ValueError(
             f"keras_lowrank: combine() got a repeated adapter name in {names}; "

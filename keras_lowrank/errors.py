@@ -26,3 +26,39 @@ def unknown_adapter(owner, name, known):
         f"{where} has no adapter named {name!r}; it has {sorted(known)}. "
         "Use one of those names."
     )
+
+
+def check_known_adapter(model, name, known, verb, argument="names"):
+    """The one check that `name` names an adapter of `model`: a string
+    (`TypeError` otherwise) among `known` (`unknown_adapter` otherwise).
+
+    Args:
+        model: the model asked.
+        name: what the caller passed as an adapter name.
+        known: the adapter names `model` has.
+        verb: the public function's name, for the message.
+        argument: the argument `name` came in.
+
+    Returns:
+        `name`.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> check_known_adapter(model, "a", ["a"], "set_adapter")
+    'a'
+    >>> check_known_adapter(model, 1, ["a"], "set_adapter")
+    Traceback (most recent call last):
+    ...
+    TypeError: keras_lowrank: set_adapter() takes adapter names as strings, got int (1) in `names`. Pass names from ['a'].
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"keras_lowrank: {verb}() takes adapter names as strings, got "
+            f"{type(name).__name__} ({name!r}) in `{argument}`. Pass names "
+            f"from {sorted(known)}."
+        )
+    if name not in known:
+        raise unknown_adapter(model, name, known)
+    return name

@@ -168,14 +168,7 @@ def _check_names(model, state, names):
             "disable_adapters(model):`."
         )
     for name in names:
-        if not isinstance(name, str):
-            raise TypeError(
-                "keras_lowrank: set_adapter() takes adapter names as strings, "
-                f"got {type(name).__name__} ({name!r}) in `names`. Pass names "
-                f"from {sorted(state.options)}."
-            )
-        if name not in state.options:
-            raise errors.unknown_adapter(model, name, state.options)
+        errors.check_known_adapter(model, name, state.options, "set_adapter")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(
@@ -255,14 +248,7 @@ def delete_adapter(model, name):
     ['b']
     """
     state = state_of(model)
-    if not isinstance(name, str):
-        raise TypeError(
-            "keras_lowrank: delete_adapter() takes one adapter name (a "
-            f"string), got {type(name).__name__} ({name!r}). Pass one of "
-            f"{sorted(state.options)}."
-        )
-    if name not in state.options:
-        raise errors.unknown_adapter(model, name, state.options)
+    errors.check_known_adapter(model, name, state.options, "delete_adapter", "name")
     layers = [l for l in adapted_layers(model) if name in l.adapter_names]
     kernels = [
         layer

@@ -209,9 +209,13 @@ def test_bad_argument_types_name_the_argument():
     )):
         kl.set_adapter(model, ["a", 1])
     with pytest.raises(TypeError, match=re.escape(
-        "delete_adapter() takes one adapter name (a string), got list (['a'])"
+        "delete_adapter() takes adapter names as strings, got list (['a']) in `name`"
     )):
         kl.delete_adapter(model, ["a"])
+    with pytest.raises(TypeError, match=re.escape(
+        "save_adapter() takes adapter names as strings, got int (3) in `name`"
+    )):
+        kl.save_adapter(model, "unused.safetensors", 3)
     with pytest.raises(TypeError, match=re.escape(
         "combine() takes `weights` as 2 number(s), one per adapter in "
         "['a', 'b'], got NoneType (None). Pass e.g. weights=[1.0, 1.0]."

@@ -20,7 +20,7 @@ from the file runs. (PEFT folders: see `load_peft_adapter`.)
 import keras
 import numpy as np
 
-from keras_lowrank.errors import unknown_adapter
+from keras_lowrank.errors import check_known_adapter
 from keras_lowrank.io import adapter_format
 from keras_lowrank.io import keras_file
 from keras_lowrank.io import layer_match
@@ -282,9 +282,9 @@ def _read(file):
 
 def _pick_name(model, state, name):
     if name is not None:
-        if name not in state.options:
-            raise unknown_adapter(model, name, state.options)
-        return name
+        return check_known_adapter(
+            model, name, state.options, "save_adapter", "name"
+        )
     if len(state.options) == 1:
         return next(iter(state.options))
     if len(state.active) == 1:

@@ -13,7 +13,7 @@ import re
 import keras
 import numpy as np
 
-from keras_lowrank.errors import unknown_adapter
+from keras_lowrank.errors import check_known_adapter
 from keras_lowrank.integrations.peft import format as peft_format
 from keras_lowrank.integrations.peft.format import KEY_PREFIX
 from keras_lowrank.integrations.peft.format import fail
@@ -193,9 +193,7 @@ def _one_config(entries, name, verb):
 def _pick_adapter(model, state, name, verb):
     names = list(state.options)
     if name is not None:
-        if name not in names:
-            raise unknown_adapter(model, name, names)
-        return name
+        return check_known_adapter(model, name, names, verb, "name")
     if len(names) == 1:
         return names[0]
     if len(state.active) == 1:
