@@ -10,7 +10,7 @@ with a message naming the attribute. Nothing else in the package touches a
 Keras attribute that starts with `_`.
 
 "since" gives the oldest Keras release we know to have the name; every name
-is checked on the declared minimum (3.10) and on the newest tested release.
+is checked on the declared minimum (3.14) and on the newest tested release.
 
 | Keras private name | function here | what it buys |
 | --- | --- | --- |
@@ -27,6 +27,7 @@ is checked on the declared minimum (3.10) and on the newest tested release.
 | `_orig_input_dim`, `_orig_output_dim`, `_int4_unpacked_column_size`, `_int4_block_size`, `EinsumDense._adjust_scale_for_dequant` | `quantization_attr`, `einsum_dequant_scale` | dequantizing int8/int4 kernels exactly as Keras does |
 | `Layer.__dict__["quantize"]` (per-instance wrapper), `type_check=` | `instance_quantize` | `layer.quantize(...)` / `model.quantize(...)` on adapter layers |
 | `Layer._is_quantized` | `mark_unquantized` | a dequantized layer reports `quantization_mode is None` |
+| `keras.src.backend.common.global_state` `"use_legacy_config"` | `legacy_h5_saving_in_progress` | refusing a legacy `.h5` save of an adapted model (it could never load) |
 | `Optimizer._backend_update_step`, `_apply_weight_decay`, `_use_weight_decay` | `optimizer_update_hooks`, `set_optimizer_update_hooks`, `uses_weight_decay` | LoRA+: a second learning rate for the `B` factors |
 
 Example:
@@ -295,3 +296,21 @@ def uses_weight_decay(optimizer, variable):
     """Whether `optimizer` decays `variable` (its `exclude_from_weight_decay`
     rules). Private: `BaseOptimizer._use_weight_decay`, since Keras 3.0."""
     return optimizer._use_weight_decay(variable)
+
+
+# --- saving ---------------------------------------------------------------------
+
+
+def legacy_h5_saving_in_progress():
+    """Whether Keras is writing a legacy `.h5` file now.
+
+    `keras.saving.save_model(model, "x.h5")` writes one without calling
+    `model.save`, so `get_config` is the only place to refuse it; Keras marks
+    the write with the global attribute `"use_legacy_config"` (Keras 3.0+),
+    and there is no public way to ask.
+    """
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - a Keras without that module
+        return False
+    return bool(global_state.get_global_attribute("use_legacy_config", False))

@@ -224,3 +224,24 @@ def test_instance_quantize_wrapper():
     assert "type_check" in inspect.signature(
         keras.layers.Dense.quantize
     ).parameters, "Dense.quantize lost its `type_check` keyword"
+
+
+def test_legacy_h5_saving_is_marked_by_a_global_attribute(tmp_path):
+    seen = []
+
+    class Recording(keras.layers.Dense):
+        def get_config(self):
+            seen.append(keras_private.legacy_h5_saving_in_progress())
+            return super().get_config()
+
+    model = keras.Sequential([keras.Input((4,)), Recording(2)])
+    assert not keras_private.legacy_h5_saving_in_progress()
+    keras.saving.save_model(model, str(tmp_path / "m.h5"))
+    assert seen and all(seen), (
+        "keras.src.backend.common.global_state 'use_legacy_config' is not "
+        "set while Keras writes a legacy .h5 file"
+    )
+    seen.clear()
+    model.save(str(tmp_path / "m.keras"))
+    assert seen and not any(seen)
+    assert not keras_private.legacy_h5_saving_in_progress()

@@ -63,7 +63,7 @@ class AdaptedModel:
             adopt(self)
 
     def get_config(self):
-        if _legacy_h5_in_progress():
+        if keras_private.legacy_h5_saving_in_progress():
             raise _h5_error(self, "keras.saving.save_model(model, 'x.h5')")
         original = type(self)._keras_lowrank_original
         inner = {
@@ -374,18 +374,6 @@ def _h5_error(model, call):
         "keras_lowrank.save_adapter(model, 'task.safetensors') for the "
         "adapter alone."
     )
-
-
-def _legacy_h5_in_progress():
-    """Whether Keras is writing a legacy `.h5` file now, which
-    `keras.saving.save_model(model, "x.h5")` does without calling
-    `model.save`. Keras marks it with a global attribute; there is no public
-    way to ask."""
-    try:
-        from keras.src.backend.common import global_state
-    except ImportError:  # pragma: no cover - a Keras without that module
-        return False
-    return bool(global_state.get_global_attribute("use_legacy_config", False))
 
 
 def _stash_name(owner, key):
