@@ -1016,3 +1016,23 @@ def test_importing_keras_lowrank_needs_no_pytorch_stack():
         check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_peft_rank_above_min_d_k_is_refused_by_the_one_rank_rule(tmp_path):
+    key = "base_model.model.encoder.layer.0.attention.self.query"
+    tensors = {
+        key + ".lora_A.weight": np.ones((9, 8), "float32"),
+        key + ".lora_B.weight": np.ones((8, 9), "float32"),
+    }
+    config = {"peft_type": "LORA", "r": 9, "lora_alpha": 9, "target_modules": ["query"]}
+    write_folder(tmp_path / "f", config, tensors)
+    model = tiny_bert()
+    before = all_weights(model)
+    with pytest.raises(ValueError, match=re.escape(
+        "layer 'transformer_layer_0/self_attention_layer/query': rank 9 is "
+        "larger than min(d, k) = min(8, 8) = 8 for this kernel (8, 2, 4), so "
+        "it is not low-rank. Use a rank of at most 8 (module "
+        "'encoder.layer.0.attention.self.query' of the PEFT file has rank 9)."
+    )):
+        keras_lowrank.load_peft_adapter(model, tmp_path / "f")
+    assert_unchanged(model, before)

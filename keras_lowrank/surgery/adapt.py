@@ -343,13 +343,7 @@ def _check_plan(model, plan, name):
                 "or keras_lowrank.delete_adapter(model, name) first."
             )
         layout = cls.kernel_layout(layer)
-        if spec.rank > layout.max_rank:
-            raise ValueError(
-                f"keras_lowrank: layer '{visit.path}': rank {spec.rank} is "
-                f"larger than min(d, k) = {layout.max_rank} for its kernel "
-                f"{layout.kernel_shape}, so it is not low-rank. Use a rank of "
-                f"at most {layout.max_rank}, or a rank_pattern for this layer."
-            )
+        layout.check_rank(spec.rank, visit.path, ", or a rank_pattern for this layer")
         cls.check_spec(spec, visit.path)
 
 

@@ -322,12 +322,9 @@ def _plan_lora(config, key, path, layer, kind, parts, verb):
             f"{verb}: module '{key}' has lora_alpha {alpha!r}; keras_lowrank "
             "needs a positive number."
         )
-    if rank > layout.max_rank:
-        fail(
-            f"{verb}: module '{key}' has rank {rank}, larger than "
-            f"min(in, out) = {layout.max_rank} of Keras layer '{path}'; "
-            "keras_lowrank adapters must be low-rank."
-        )
+    layout.check_rank(
+        rank, path, f" (module '{key}' of the PEFT file has rank {rank})"
+    )
     bias = []
     if "base_bias" in parts:
         if getattr(layer, "bias", None) is None:
