@@ -444,3 +444,40 @@ def test_unloading_restores_keras_quantize():
                        "_keras_lowrank")
     _quiet_quantize(model, "int8")
     assert model.get_layer("hidden").quantization_mode == "int8"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("verb", ["merge", "unload"])
+def test_a_fault_after_dequantizing_gives_back_the_exact_quantized_model(
+    mode, verb, monkeypatch
+):
+    # merge(quantized="dequantize") and unload(quantized="requantize") swap
+    # the integer kernels for float ones first; a fault at the second
+    # layer's merge must leave both layers quantized, bit for bit.
+    from _lifecycle_helpers import assert_same_snapshot
+    from _lifecycle_helpers import model_snapshot
+
+    from keras_lowrank.layers import LowRankLayer
+
+    model = _adapted_quantized(mode)
+    x, _ = _data()
+    expected = _np(model(x))
+    before = model_snapshot(model)
+    original = LowRankLayer.merge
+    calls = []
+
+    def faulty(self, *args, **kwargs):
+        calls.append(self.path)
+        if len(calls) == 2:
+            raise MemoryError("injected: merge")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LowRankLayer, "merge", faulty)
+    policy = "dequantize" if verb == "merge" else "requantize"
+    with pytest.raises(MemoryError, match="injected"):
+        getattr(keras_lowrank, verb)(model, quantized=policy)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert [model.get_layer(n).quantization_mode for n in ("hidden", "out")] == [mode, mode]
+    assert_same_snapshot(before, model_snapshot(model))
+    np.testing.assert_array_equal(_np(model(x)), expected)

@@ -28,6 +28,7 @@ import re
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import keras_private
@@ -304,6 +305,37 @@ def dequantize(layer):
     layer.dtype_policy = float_policy
     _retrack(layer)
     return requantize_as
+
+
+def backup(layer):
+    """What `restore_backup` needs to give a quantized layer back its exact
+    integer kernel after `dequantize` (a verb that failed half-way); `None`
+    for a float layer. Holds one copy of the integer kernel and scales."""
+    mode = layer.quantization_mode
+    if mode is None:
+        return None
+    values = {
+        attr: np.array(ops.convert_to_numpy(getattr(layer, attr)))
+        for attr in (keras_private.kernel_attr(layer)[0],) + _QUANTIZED_ATTRS
+        if isinstance(getattr(layer, attr, None), keras.Variable)
+    }
+    return mode, _config_for_requantize(layer, mode), values
+
+
+def restore_backup(layer, saved):
+    """Makes `layer` quantized again exactly as `backup` found it: Keras's
+    own `quantize` recreates the variables, which then get the saved values
+    bit for bit."""
+    mode, config, values = saved
+    if layer.quantization_mode is None:
+        keras_quantize = keras_private.instance_quantize(layer)
+        keras_quantize = getattr(keras_quantize, "_keras_lowrank", keras_quantize)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras's "already built" notes
+            keras_quantize(mode=mode, config=config, type_check=False)
+        _retrack(layer)
+    for attr, value in values.items():
+        getattr(layer, attr).assign(value)
 
 
 def _config_for_requantize(layer, mode):

@@ -62,6 +62,7 @@ import numpy as np
 from keras_lowrank import keras_private
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.state import owned
 from keras_lowrank.io.keras_file import AdaptedModel
 from keras_lowrank.state.model_state import adapted_layers
@@ -174,6 +175,7 @@ class Snapshot:
         self.weight_flags = [(w, w.path, w.trainable) for w in model.weights]
         self.layers = {}
         self.values = {}
+        self.quantized = {}
         owned_keys = [] if self.state is None else owned.all_keys(self.state)
         owned_vars = owned.resolve(model, owned_keys).values() if owned_keys else ()
         self.extend(list(adapted_layers(model)) + list(layers), kernels,
@@ -187,6 +189,12 @@ class Snapshot:
                 self.layers[id(layer)] = (layer, type(layer), _adapters_of(layer))
         for layer in kernels:
             self._keep(adapter_class_for(layer).kernel_variable(layer))
+            # merge(quantized="dequantize") swaps an integer kernel for a
+            # float one: a rollback must quantize it again, exactly.
+            if id(layer) not in self.quantized:
+                saved = quantization.backup(layer)
+                if saved is not None:
+                    self.quantized[id(layer)] = (layer, saved)
         for variable in variables:
             self._keep(variable)
 
@@ -201,6 +209,8 @@ class Snapshot:
             _restore_layer(layer, cls, saved)
         for variable, value in self.values.values():
             variable.assign(value)
+        for layer, saved in self.quantized.values():
+            quantization.restore_backup(layer, saved)
         if self.state is None:
             unmark_adapted(model)
             if getattr(model, "_keras_lowrank", None) is not None:
