@@ -35,7 +35,7 @@ import numpy as np
 
 from keras_lowrank import keras_private
 from keras_lowrank.io import manifest as manifest_lib
-from keras_lowrank.layers import quantized
+from keras_lowrank.layers import quantize_hooks
 from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import ModelState
 from keras_lowrank.state.model_state import adapted_layers
@@ -171,7 +171,7 @@ def mark_adapted(model):
     """Changes `model`'s class to its adapted subclass (idempotent)."""
     if isinstance(model, AdaptedModel):
         return
-    quantized.install_model_hook(model, adapted_layers)
+    quantize_hooks.install_model_hook(model, adapted_layers)
     original = type(model)
     cls = _ADAPTED_CLASSES.get(original)
     if cls is None:
@@ -201,7 +201,7 @@ def mark_adapted(model):
 def unmark_adapted(model):
     """Gives `model` back its original class."""
     if isinstance(model, AdaptedModel):
-        quantized.remove_model_hook(model)
+        quantize_hooks.remove_model_hook(model)
         keras_private.swap_class(model, type(model)._keras_lowrank_original)
 
 

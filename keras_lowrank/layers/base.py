@@ -31,6 +31,7 @@ from keras_lowrank import keras_private
 from keras_lowrank.layers import convert
 from keras_lowrank.layers import forward
 from keras_lowrank.layers import merging
+from keras_lowrank.layers import quantize_hooks
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.adapter_set import ADAPTER_KEYS  # noqa: F401
 from keras_lowrank.layers.adapter_set import AdapterSet
@@ -97,7 +98,7 @@ class LowRankLayer:
             state["merged_adapters"],
             from_config=state["adapters"] is not None,
         )
-        quantized.install_layer_hook(self)
+        quantize_hooks.install_layer_hook(self)
 
     def _build_adapters(self):
         """Creates the recorded adapters; called at the end of `build`."""

@@ -10,6 +10,7 @@ working. The private Keras surface this needs is in `keras_private`.
 import keras
 
 from keras_lowrank import keras_private
+from keras_lowrank.layers import quantize_hooks
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.adapter_set import AdapterSet
 from keras_lowrank.layers.adapter_set import path_of
@@ -96,7 +97,7 @@ def become(cls, layer):
     original = type(layer)
     keras_private.swap_class(layer, cls)
     layer._lowrank = AdapterSet(layer, original)
-    quantized.install_layer_hook(layer)
+    quantize_hooks.install_layer_hook(layer)
     keras_private.refresh_call_signature(layer)
 
 
@@ -114,6 +115,6 @@ def revert(layer):
     del layer._lowrank
     # Caches a subclass may have set while it held adapters.
     layer.__dict__.pop("_lowrank_factorization", None)
-    quantized.remove_layer_hook(layer)
+    quantize_hooks.remove_layer_hook(layer)
     keras_private.swap_class(layer, original)
     keras_private.refresh_call_signature(layer)
