@@ -268,6 +268,13 @@ _QUANTIZED_ATTRS = (
 )
 
 
+def _integer_variable_attrs(layer):
+    """The attributes holding a quantized layer's integer kernel and its
+    scales (and zero points, group indices): what `dequantize` replaces."""
+    attrs = (keras_private.kernel_attr(layer)[0],) + _QUANTIZED_ATTRS
+    return [a for a in attrs if isinstance(getattr(layer, a, None), keras.Variable)]
+
+
 def dequantize(layer):
     """Replaces a quantized layer's integer kernel by the float kernel it
     stands for, in place: afterwards the layer is a float layer (its dtype
@@ -285,10 +292,8 @@ def dequantize(layer):
     source = effective_policy(layer).get_config().get("source_name")
     float_policy = keras.dtype_policies.get(source or "float32")
     with layer._lowrank.unlocked():
-        delattr(layer, keras_private.kernel_attr(layer)[0])
-        for extra in _QUANTIZED_ATTRS:
-            if isinstance(getattr(layer, extra, None), keras.Variable):
-                delattr(layer, extra)
+        for attr in _integer_variable_attrs(layer):
+            delattr(layer, attr)
         kernel = layer.add_weight(
             name=name,
             shape=tuple(value.shape),
@@ -314,8 +319,7 @@ def backup(layer):
         return None
     values = {
         attr: np.array(ops.convert_to_numpy(getattr(layer, attr)))
-        for attr in (keras_private.kernel_attr(layer)[0],) + _QUANTIZED_ATTRS
-        if isinstance(getattr(layer, attr, None), keras.Variable)
+        for attr in _integer_variable_attrs(layer)
     }
     return mode, _config_for_requantize(layer, mode), values
 
