@@ -1,6 +1,11 @@
 """keras_lowrank: low-rank adapters (LoRA and its family) for Keras 3.
 
 See README.md for a quick start and docs/ for the guides.
+
+Importing the package imports Keras and registers every layer class, so
+`keras.saving.load_model` finds them. The `keras-lowrank` command starts
+from `keras_lowrank_cli` (a module outside this package) for that reason:
+its `--help` needs no backend.
 """
 
 from keras_lowrank.io.adapter_files import load_adapter
@@ -30,10 +35,13 @@ from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.surgery.adapt import adapt
 from keras_lowrank.surgery.adapt import unload
 from keras_lowrank.version import __version__
+from keras_lowrank import analysis
+from keras_lowrank.analysis.extraction import extract
 
 __all__ = [
     "__version__",
     "adapt",
+    "analysis",
     "AdapterReport",
     "AdapterSpec",
     "Combination",
@@ -41,6 +49,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "export_peft_adapter",
+    "extract",
     "load_adapter",
     "load_model",
     "load_peft_adapter",

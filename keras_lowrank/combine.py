@@ -37,7 +37,7 @@ from keras_lowrank.state.model_state import state_of
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.state.transaction import transaction
-from keras_lowrank.surgery.adapt import _check_plan
+from keras_lowrank.surgery.adapt import check_plan
 from keras_lowrank.surgery.adapt import install
 
 HOWS = ("linear", "cat", "svd")
@@ -223,7 +223,7 @@ def _combine(model, state, names, weights, name, how, rank):
         key: owned.value_of(model, state, names[0], key)
         for key in first.get("owned", [])
     }
-    _check_plan(model, plan, name)
+    check_plan(model, plan, name)
     install(
         model, name, plan, record, factors=factors, owned_values=values,
         verb="combine",

@@ -153,12 +153,12 @@ def load_adapter(model, path, name=None):
     if state is not None and name in state.options:
         _replace_values(model, state, name, plan, factors, values, config, file)
         return model
-    from keras_lowrank.surgery.adapt import _check_kept_paths
-    from keras_lowrank.surgery.adapt import _check_plan
+    from keras_lowrank.surgery.adapt import check_kept_paths
+    from keras_lowrank.surgery.adapt import check_plan
     from keras_lowrank.surgery.adapt import install
 
-    _check_plan(model, plan, name)
-    _check_kept_paths(model, kept, plan)
+    check_plan(model, plan, name)
+    check_kept_paths(model, kept, plan)
     record = dict(config["adapter"])
     record["layers"] = [visit.path for visit, _ in plan]
     record["kept"] = kept

@@ -131,9 +131,9 @@ def adapt(
         (visit, _spec_for(visit, base_spec, ranks, alphas, alpha is not None))
         for visit in chosen
     ]
-    _check_plan(model, plan, name)
+    check_plan(model, plan, name)
     kept = _kept_paths(model, trainable, plan)
-    record = _options_record(
+    record = options_record(
         rank, alpha, targets, exclude, dropout, scaling, method, init,
         bias, trainable, rank_pattern, alpha_pattern,
         [visit.path for visit, _ in plan], kept,
@@ -153,8 +153,8 @@ def install(
     Args:
         model: a built model (adapted or not).
         name: the new adapter's name (checked by the caller).
-        plan: `[(walk.Visit, AdapterSpec)]`, checked with `_check_plan`.
-        record: the JSON-ready options record (`_options_record`); its
+        plan: `[(walk.Visit, AdapterSpec)]`, checked with `check_plan`.
+        record: the JSON-ready options record (`options_record`); its
             `"kept"` and `"bias"` entries say what the adapter owns.
         seed: seed for the initial factors (when `factors` is None).
         factors: `{path: {"A": array, "B": array, ...}}`: values for the
@@ -309,7 +309,7 @@ def _spec_for(visit, base, ranks, alphas, alpha_given):
         )) from None
 
 
-def _check_plan(model, plan, name):
+def check_plan(model, plan, name):
     state = state_of(model, required=False)
     kept = {}
     for other, options in (state.options.items() if state else ()):
@@ -363,11 +363,11 @@ def _kept_paths(model, trainable, plan):
             p for p in paths if not any(owned.is_under(q, p) for q in adapted)
         ]
     paths = [visit.path for visit in targeting.select_any_layers(model, trainable)]
-    _check_kept_paths(model, paths, plan)
+    check_kept_paths(model, paths, plan)
     return paths
 
 
-def _check_kept_paths(model, paths, plan):
+def check_kept_paths(model, paths, plan):
     """Raises if a layer to keep trainable holds or contains adapters."""
     adapted = _adapted_paths(model, plan)
     for path in paths:
@@ -404,7 +404,7 @@ def _check_not_nested(model):
             )
 
 
-def _options_record(
+def options_record(
     rank, alpha, targets, exclude, dropout, scaling, method, init, bias,
     trainable, rank_pattern, alpha_pattern, paths, kept,
 ):

@@ -1,0 +1,49 @@
+"""Opening what the analysis compares: a `.keras` file or a KerasHub preset.
+
+Example:
+
+>>> load_model_or_preset("missing.keras")
+Traceback (most recent call last):
+...
+FileNotFoundError: keras_lowrank: no such file or folder: 'missing.keras'. Pass a .keras file or a KerasHub preset folder.
+"""
+
+import os
+
+
+def load_model_or_preset(path):
+    """A Keras model from `path`.
+
+    Args:
+        path: a `.keras` file (loaded with `keras_lowrank.load_model`, so
+            adapted models keep their adapters) or a KerasHub preset folder
+            (a KerasHub preset with `config.json`, or a Hugging Face model
+            folder that KerasHub converts): the preset's task model when its
+            files name one, else its backbone.
+
+    Returns:
+        The model.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: `path` is neither a `.keras` file nor a folder.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"keras_lowrank: no such file or folder: {path!r}. Pass a .keras "
+            "file or a KerasHub preset folder."
+        )
+    if os.path.isdir(path):
+        import keras_hub
+
+        if os.path.exists(os.path.join(path, "task.json")):
+            return keras_hub.models.Task.from_preset(path)
+        return keras_hub.models.Backbone.from_preset(path)
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"keras_lowrank: {path!r} is not a .keras file or a preset "
+            "folder. Save models with model.save('name.keras')."
+        )
+    from keras_lowrank.io.keras_file import load_model
+
+    return load_model(path)
