@@ -359,3 +359,36 @@ def test_extract_from_an_adapted_model_is_exact_without_a_dense_svd(tmp_path):
         keras.ops.convert_to_numpy(base(x)), keras.ops.convert_to_numpy(tuned(x)), atol=1e-4
     )
     assert all(row.bound == pytest.approx(0.0, abs=1e-7) for row in result.layers)
+
+
+def test_dora_update_is_measured_densely_and_equals_the_merge_delta():
+    base, tuned = _adapted_pair(method="dora")
+    result = delta_spectrum(base, tuned)
+    for layer in tuned.layers:
+        spectrum = result[layer.name]
+        assert not spectrum.exact  # DoRA's ΔW is not a product A·B
+        from keras_lowrank.analysis.deltas import to_matrix
+
+        delta = to_matrix(layer.lowrank_layout, keras.ops.convert_to_numpy(layer.delta("default")))
+        np.testing.assert_allclose(
+            spectrum.singular_values, np.linalg.svd(delta, compute_uv=False),
+            rtol=1e-4, atol=1e-5,
+        )
+
+
+def test_quantized_base_shared_is_exact_and_differing_is_refused(tmp_path):
+    def build():
+        return keras.Sequential([keras.Input((12,)), keras.layers.Dense(10, name="dense")],
+                                name="q")
+    base = build()
+    base.quantize("int8")
+    tuned = _roundtrip(base, tmp_path)
+    keras_lowrank.adapt(tuned, rank=2, targets=["dense"])
+    b = tuned.layers[0].adapter_variables("default")["B"]
+    b.assign(np.ones(b.shape, "float32"))
+    spectrum = delta_spectrum(base, tuned)["dense"]
+    assert spectrum.exact and spectrum.rank_for(0.999) <= 2
+    other = build()
+    other.quantize("int8")
+    with pytest.raises(ValueError, match="layer 'dense' has a quantized kernel that differs"):
+        delta_spectrum(base, other)
