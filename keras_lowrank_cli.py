@@ -52,7 +52,7 @@ def _parser():
     p.add_argument("base")
     p.add_argument("tuned")
     p.add_argument("--targets", help="comma-separated layer names or patterns")
-    p.add_argument("--ranks", default="1,2,4,8,16,32,64",
+    p.add_argument("--ranks", type=_ranks, default="1,2,4,8,16,32,64",
                    help="ranks of the energy columns (default %(default)s)")
     p.add_argument("--plot", metavar="PNG", help="also draw the spectra here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -81,12 +81,26 @@ def _parser():
     q.add_argument("--force", action="store_true", help="overwrite OUTPUT")
     q = peft.add_parser("export", help="write an adapter as a PEFT folder")
     q.add_argument("model", help="an adapted .keras file")
-    q.add_argument("output_dir")
+    q.add_argument("output_dir", help="the folder to write (replaced as a whole)")
     q.add_argument("--name", help="the adapter to export (default: the only one)")
+    q.add_argument("--force", action="store_true",
+                   help="replace OUTPUT_DIR if it exists and is not empty")
 
     sub.add_parser("bench", help="the benchmark (options: keras-lowrank bench --help)",
                    add_help=False)
     return parser
+
+
+def _ranks(text):
+    """`--ranks 1,2,4`: positive integers, else a usage error."""
+    try:
+        ranks = tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        ranks = ()
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of positive integers")
+    return ranks
 
 
 def _check(parser, args):
@@ -110,16 +124,37 @@ def _check(parser, args):
     force = getattr(args, "force", True)
     if suffixes and not force and os.path.exists(args.output):
         parser.error(f"{args.output} exists; pass --force to overwrite it")
+    output = getattr(args, "output", None) or getattr(args, "output_dir", None)
+    if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        parser.error(f"the folder of {output!r} does not exist; create it first")
+    if args.command == "peft" and args.peft_command == "export" and not force:
+        # export_peft_adapter replaces the folder with everything in it.
+        if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+            parser.error(f"{args.output_dir} exists and is not empty; pass "
+                         "--force to replace it and everything in it")
+
+
+def _command_index(argv):
+    """Where the command is in `argv`: after the global options."""
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):
+        at += 2 if argv[at] == "--backend" else 1
+    return at
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if argv[:1] == ["bench"]:
-        # The benchmark parses its own options (its --backend runs children).
+    at = _command_index(argv)
+    if argv[at:at + 1] == ["bench"]:
+        # The benchmark parses its own options (its --backend runs children);
+        # only the global options before `bench` are parsed here.
+        args = parser.parse_args(argv[:at + 1])
+        if args.backend:
+            os.environ["KERAS_BACKEND"] = args.backend
         from keras_lowrank.bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[at + 1:])
     args = parser.parse_args(argv)
     _check(parser, args)
     if args.backend:

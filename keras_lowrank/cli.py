@@ -15,6 +15,7 @@ Example:
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -55,16 +56,17 @@ def _targets(text):
 
 
 def _save_model(model, path):
-    """`model.save` to a temporary file beside `path`, then renamed over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(suffix=".keras", dir=folder, prefix=".tmp-")
-    os.close(handle)
+    """`model.save` into a temporary folder beside `path`, then renamed over
+    it (a folder, not `mkstemp`: the file gets the umask's mode, not 0600)."""
+    _say(f"writing {path} ...")
+    folder = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)),
+                              prefix=".tmp-keras-lowrank-")
     try:
+        tmp = os.path.join(folder, "model.keras")
         model.save(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
     _say(f"wrote {path}")
 
 
@@ -95,8 +97,7 @@ def _run_spectrum(args):
     base, tuned = _load(args.base), _load(args.tuned)
     _say("computing the spectra ...")
     result = delta_spectrum(base, tuned, targets=_targets(args.targets))
-    ranks = tuple(int(r) for r in args.ranks.split(",") if r)
-    print(result.to_json(indent=1) if args.json else result.table(ranks=ranks))
+    print(result.to_json(indent=1) if args.json else result.table(ranks=args.ranks))
     if args.plot:
         result.plot(args.plot)
         _say(f"wrote {args.plot}")
@@ -142,3 +143,7 @@ _COMMANDS = {
     "peft_import": _run_peft_import,
     "peft_export": _run_peft_export,
 }
+
+
+if __name__ == "__main__":  # `python -m keras_lowrank.cli ...`
+    sys.exit(main())

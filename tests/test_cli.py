@@ -73,6 +73,12 @@ def _usage_error(capsys, argv):
      "OUTPUT 'o.npz' must end with .safetensors"),
     (["merge", "a.keras", "out.h5"], "OUTPUT 'out.h5' must end with .keras"),
     (["peft"], "peft needs a subcommand: import or export"),
+    (["spectrum", "a.keras", "b.keras", "--ranks", "1,x"],
+     "argument --ranks: '1,x' is not a comma-separated list of positive integers"),
+    (["merge", "a.keras", "no-such-folder/out.keras"],
+     "the folder of 'no-such-folder/out.keras' does not exist; create it first"),
+    (["--backend", "jax", "merge", "a.keras", "no-such-folder/out.keras"],
+     "the folder of 'no-such-folder/out.keras' does not exist"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_usage_errors_exit_2(capsys, argv, message):
@@ -128,6 +134,9 @@ def test_report_and_merge(tmp_path, capsys):
     want = keras_lowrank.load_model(paths["adapted"]).predict(X, verbose=0)
     np.testing.assert_allclose(plain.predict(X, verbose=0), want, atol=1e-5)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(merged).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     err = _usage_error(capsys, ["merge", paths["adapted"], merged])
     assert f"{merged} exists; pass --force to overwrite it" in err
     assert keras_lowrank_cli.main(["merge", paths["adapted"], merged, "--force"]) == 0
@@ -154,6 +163,22 @@ def test_work_failures_exit_1_with_one_line(tmp_path, capsys, argv, message):
     last = err.strip().splitlines()[-1]
     assert last.startswith("keras-lowrank: error: ") and message in last, err
     assert "Traceback" not in err
+
+
+def test_peft_export_refuses_a_folder_with_files(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    err = _usage_error(capsys, ["peft", "export", "m.keras", str(tmp_path)])
+    assert f"{tmp_path} exists and is not empty; pass --force to replace it" in err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_global_options_before_bench_pass_through(capsys, monkeypatch):
+    backend = keras.backend.backend()
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    with pytest.raises(SystemExit) as exit:
+        keras_lowrank_cli.main(["--backend", backend, "bench", "--help"])
+    assert exit.value.code == 0
+    assert "--tiny" in capsys.readouterr().out  # the benchmark's own help
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -195,6 +220,9 @@ def test_the_installed_command_runs_in_a_fresh_process(tmp_path):
     done = subprocess.run(["keras-lowrank", "report", "missing.keras"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1
+    module = subprocess.run([sys.executable, "-m", "keras_lowrank.cli", "report", "--help"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert module.returncode == 0 and "--json" in module.stdout, module.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "keras-lowrank: error: no such file or folder: 'missing.keras'. Pass a "
         ".keras file or a KerasHub preset folder."
