@@ -77,13 +77,22 @@ def make_all_trainable(model):
     model.trainable = True
 
 
+# Keras's compiled train/test/predict functions and KerasHub's
+# `CausalLM.generate_function`: each is rebuilt on the next call when None.
+COMPILED_FUNCTIONS = (
+    "train_function", "test_function", "predict_function", "generate_function",
+)
+
+
 def reset_compiled_functions(model):
-    """Drops the model's cached train/test/predict functions.
+    """Drops the model's cached compiled functions (`COMPILED_FUNCTIONS`).
 
     They were traced with the previous adapter state (which adapters apply,
-    which variables train) baked in; Keras rebuilds them on the next call.
+    which variables train) baked in; on TensorFlow a stale `tf.function`
+    would keep computing with it. Keras and KerasHub rebuild them on the
+    next call.
     """
-    for attr in ("train_function", "test_function", "predict_function"):
+    for attr in COMPILED_FUNCTIONS:
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
     refresh_torch_parameters(model)
