@@ -248,11 +248,7 @@ def active_terms(layer, merged=False):
         if spec.method == "dora":
             out.append(("dense", to_matrix(layout, to_numpy(layer.delta(name)))))
             continue
-        variables = layer.adapter_variables(name)
-        a = to_numpy(variables["A"]).astype(np.float64)
-        b = to_numpy(variables["B"]).astype(np.float64)
-        a = a.reshape(layout.batch_shape + (layout.d, a.shape[-1]))
-        b = b.reshape(layout.batch_shape + (b.shape[len(layout.batch_shape)], layout.k))
+        a, b = factor_matrices(layout, layer.adapter_variables(name))
         out.append(("lowrank", (a * spec.scale, b)))
     return out
 
@@ -280,6 +276,15 @@ def to_matrix(layout, kernel):
     float64 (`KernelLayout.to_matrix` in NumPy: no float32 round trip)."""
     kernel = np.transpose(np.asarray(kernel, np.float64), layout.perm)
     return kernel.reshape(layout.batch_shape + (layout.d, layout.k))
+
+
+def factor_matrices(layout, variables):
+    """An adapter's `A`, `B` as float64 `(*batch, d, r)`, `(*batch, r, k)`."""
+    a = to_numpy(variables["A"]).astype(np.float64)
+    b = to_numpy(variables["B"]).astype(np.float64)
+    rank = a.shape[-1]
+    return (a.reshape(layout.batch_shape + (layout.d, rank)),
+            b.reshape(layout.batch_shape + (rank, layout.k)))
 
 
 def from_matrix(layout, matrix, trailing):

@@ -299,11 +299,7 @@ def _kept_values(base, tuned, keys):
 def _row(visit, spec, bound, name):
     kept_energy, tail, delta = bound
     layout = delta.layout
-    variables = visit.layer.adapter_variables(name)
-    a = deltas.to_numpy(variables["A"]).astype(np.float64)
-    b = deltas.to_numpy(variables["B"]).astype(np.float64)
-    a = a.reshape(layout.batch_shape + (layout.d, spec.rank))
-    b = b.reshape(layout.batch_shape + (spec.rank, layout.k))
+    a, b = deltas.factor_matrices(layout, visit.layer.adapter_variables(name))
     target = delta.matrix()
     error = float(np.linalg.norm(spec.scale * (a @ b) - target) / np.linalg.norm(target))
     entries = int(np.prod(layout.batch_shape)) if layout.batch_shape else 1
