@@ -392,3 +392,24 @@ def test_quantized_base_shared_is_exact_and_differing_is_refused(tmp_path):
     other.quantize("int8")
     with pytest.raises(ValueError, match="layer 'dense' has a quantized kernel that differs"):
         delta_spectrum(base, other)
+
+
+def test_load_model_or_preset_reads_both_kinds(tmp_path):
+    from keras_lowrank.analysis import load_model_or_preset
+
+    pytest.importorskip("keras_hub")
+    import keras_hub
+
+    task = model_kinds.KINDS["llama_causal_lm"].build()
+    task.save_to_preset(str(tmp_path / "task"))
+    assert isinstance(load_model_or_preset(str(tmp_path / "task")), keras_hub.models.CausalLM)
+    task.backbone.save_to_preset(str(tmp_path / "backbone"))
+    assert isinstance(load_model_or_preset(str(tmp_path / "backbone")), keras_hub.models.Backbone)
+    path = str(tmp_path / "m.keras")
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(path)
+    assert isinstance(load_model_or_preset(path), keras.Sequential)
+    with pytest.raises(FileNotFoundError, match="no such file or folder: 'nope'"):
+        load_model_or_preset("nope")
+    open(tmp_path / "weights.h5", "w").close()
+    with pytest.raises(ValueError, match="is not a .keras file or a preset folder"):
+        load_model_or_preset(str(tmp_path / "weights.h5"))

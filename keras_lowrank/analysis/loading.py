@@ -8,6 +8,7 @@ Traceback (most recent call last):
 FileNotFoundError: keras_lowrank: no such file or folder: 'missing.keras'. Pass a .keras file or a KerasHub preset folder.
 """
 
+import json
 import os
 
 
@@ -36,8 +37,9 @@ def load_model_or_preset(path):
     if os.path.isdir(path):
         import keras_hub
 
-        if os.path.exists(os.path.join(path, "task.json")):
-            return keras_hub.models.Task.from_preset(path)
+        task = _task_class(path, keras_hub)
+        if task is not None:
+            return task.from_preset(path)
         return keras_hub.models.Backbone.from_preset(path)
     if not path.endswith(".keras"):
         raise ValueError(
@@ -47,3 +49,22 @@ def load_model_or_preset(path):
     from keras_lowrank.io.keras_file import load_model
 
     return load_model(path)
+
+
+def _task_class(path, keras_hub):
+    """The task class `task.json` names (KerasHub refuses `Task.from_preset`
+    itself), or `None` for a backbone-only preset."""
+    import keras
+
+    file = os.path.join(path, "task.json")
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        name = json.load(f).get("registered_name", "")
+    cls = keras.saving.get_registered_object(name)
+    if not (isinstance(cls, type) and issubclass(cls, keras_hub.models.Task)):
+        raise ValueError(
+            f"keras_lowrank: the preset {path!r} names task {name!r}, which "
+            "is not a KerasHub task class this keras-hub knows."
+        )
+    return cls
