@@ -71,3 +71,78 @@ def test_generate_follows_adapt_set_adapter_merge_and_disable():
     keras_lowrank.delete_adapter(model, "b")
     active = model._keras_lowrank.active
     assert _generate(model) == (want[active[0]] if active else base)
+
+
+def _two_adapter_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, name="a"),
+                              keras.layers.Dense(4, name="b")], name="swap")
+    keras_lowrank.adapt(model, rank=8, name="slot", init="gaussian", seed=1)
+    _strong(model, "slot", 3)
+    return model
+
+
+def _jax_compiles():
+    """A counter of XLA compilations (JAX), or None on other backends."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    from jax import monitoring
+
+    count = {"n": 0}
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count["n"] += 1
+
+    monitoring.register_event_duration_secs_listener(listener)
+    return count
+
+
+def test_hot_swap_from_a_file_pads_the_rank_and_recompiles_nothing(tmp_path):
+    import keras
+
+    model = _two_adapter_model()
+    model.save(str(tmp_path / "m.keras"))
+    source = keras_lowrank.load_model(str(tmp_path / "m.keras"))  # the same base
+    keras_lowrank.adapt(source, rank=3, alpha=7, scaling="rslora", name="small",
+                        init="gaussian", seed=2)
+    _strong(source, "small", 4)
+    path = str(tmp_path / "small.safetensors")
+    keras_lowrank.save_adapter(source, path, name="small")
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    keras_lowrank.set_adapter(source, "small")
+    want = keras.ops.convert_to_numpy(source(x))
+
+    model.predict(x, verbose=0)
+    function = model.predict_function
+    compiles = _jax_compiles()
+    keras_lowrank.load_adapter(model, path, name="slot")       # rank 3 into rank 8
+    got = model.predict(x, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert model.predict_function is function                # not re-traced
+    if compiles is not None:
+        assert compiles["n"] == 0
+    spec = model.layers[0].adapter_spec("slot")
+    assert (spec.rank, spec.scaling) == (8, "standard")        # the slot keeps its shape
+
+
+def test_hot_swap_refuses_what_does_not_fit_and_changes_nothing(tmp_path):
+    import keras
+
+    source = _two_adapter_model()
+    keras_lowrank.adapt(source, rank=12, name="big")
+    keras_lowrank.adapt(source, rank=4, name="dora", method="dora")
+    model = _two_adapter_model()
+    x = np.ones((2, 16), "float32")
+    before = keras.ops.convert_to_numpy(model(x))
+    for name, message in (("big", "'rank': 12"), ("dora", "'method': 'dora'")):
+        path = str(tmp_path / f"{name}.safetensors")
+        keras_lowrank.save_adapter(source, path, name=name)
+        with pytest.raises(ValueError, match=(
+            r"layer 'a': adapter 'slot' has options .* in the model but .*"
+            + message + r".* its rank is at most the adapter's")):
+            keras_lowrank.load_adapter(model, path, name="slot")
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)

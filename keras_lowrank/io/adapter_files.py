@@ -296,6 +296,37 @@ def _pick_name(model, state, name):
     )
 
 
+def _fit_to_slot(layer, name, spec, factors, path, file):
+    """The file's factors for the existing adapter `name` of `layer`: as they
+    are when the options agree, else (a hot-swap into a larger slot) `A` and
+    `B` padded with zeros to the slot's rank and the file's scale folded into
+    `B`, so `s_slot·A'·B' = s_file·A·B` exactly and the traced graph, which
+    depends on the slot's rank and scale only, stays valid."""
+    current = layer.adapter_spec(name)
+    if current.replace(init=spec.init) == spec:
+        return factors
+    same_kind = current.replace(
+        init=spec.init, rank=spec.rank, alpha=spec.alpha, scaling=spec.scaling
+    ) == spec
+    if not same_kind or spec.rank > current.rank or set(factors) != {"A", "B"}:
+        raise ValueError(
+            f"keras_lowrank: layer '{path}': adapter {name!r} has options "
+            f"{current.get_config()} in the model but {spec.get_config()} in "
+            f"'{file}'. A file loads into an existing adapter when every "
+            "option but rank, alpha and scaling agrees and its rank is at "
+            "most the adapter's (it is padded with zeros); otherwise load it "
+            "under another name, or delete_adapter first."
+        )
+    layout = layer.lowrank_layout
+    pad = current.rank - spec.rank
+    a = np.asarray(factors["A"])
+    b = np.asarray(factors["B"]).astype(np.float64) * (spec.scale / current.scale)
+    a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+    widths = [(0, 0)] * b.ndim
+    widths[len(layout.batch_shape)] = (0, pad)
+    return {"A": a, "B": np.pad(b, widths).astype(np.asarray(factors["B"]).dtype)}
+
+
 def _replace_values(model, state, name, plan, factors, values, config, file):
     """Puts the file's values into `model`'s existing adapter `name`."""
     mine = {
@@ -312,15 +343,12 @@ def _replace_values(model, state, name, plan, factors, values, config, file):
             f"(load_adapter(model, path, name='...')) or delete_adapter "
             "first."
         )
-    for visit, spec in plan:
-        current = mine[visit.path].adapter_spec(name)
-        if current.replace(init=spec.init) != spec:
-            raise ValueError(
-                f"keras_lowrank: layer '{visit.path}': adapter {name!r} has "
-                f"options {current.get_config()} in the model but "
-                f"{spec.get_config()} in '{file}'. Load it under another "
-                "name, or delete_adapter first."
-            )
+    factors = {
+        visit.path: _fit_to_slot(
+            mine[visit.path], name, spec, factors[visit.path], visit.path, file
+        )
+        for visit, spec in plan
+    }
     if set(state.options[name].get("owned", [])) != set(values):
         raise ValueError(
             f"keras_lowrank: adapter {name!r} owns other weights in the model "

@@ -10,8 +10,12 @@ date, always in this order:
    it holds (none while disabled), and the values adapters own (task heads,
    biases) are swapped in (`owned.sync`);
 2. trainability (`freezing.set_flags`);
-3. the compiled train/test/predict functions are dropped (Keras re-traces
-   them with the new state);
+3. the compiled train/test/predict (and KerasHub generate) functions are
+   dropped when what they were traced with changed (`graph_signature`:
+   which adapters each layer computes or holds merged, their options, the
+   variables, the trainable set); Keras re-traces them on the next call. A
+   verb that only changes values (`load_adapter` into an existing adapter
+   of the same shapes) keeps them: nothing recompiles;
 4. a compiled model whose trainable variables changed gets a fresh
    optimizer of the same configuration (`freezing.refresh_optimizer`).
 
@@ -23,10 +27,37 @@ calls it when a verb's `with transaction(...)` block ends without error,
 inside the transaction, so a failing refresh is rolled back too.
 """
 
+import weakref
+
 from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import adapted_layers
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.surgery import freezing
+
+
+# model -> the graph_signature its compiled functions were last kept for.
+_COMPILED_FOR = weakref.WeakKeyDictionary()
+
+
+def graph_signature(model, state):
+    """Everything a traced train/predict function of `model` depends on
+    besides variable *values*: per adapted layer its class, quantization,
+    computed and merged adapters and their options, and every variable's
+    identity; the model's trainable and frozen variables, in order."""
+    layers = tuple(
+        (
+            id(layer), type(layer).__name__, getattr(layer, "quantization_mode", None),
+            tuple(layer.active_adapters), tuple(layer.merged_adapters),
+            tuple((n, layer.adapter_spec(n)) for n in layer.adapter_names),
+            tuple(id(v) for v in layer.weights),
+        )
+        for layer in adapted_layers(model)
+    )
+    return (
+        state.disabled, tuple(state.active), layers,
+        tuple(id(v) for v in model.trainable_variables),
+        tuple(id(v) for v in model.non_trainable_variables),
+    )
 
 
 def effective_active(state):
@@ -71,9 +102,14 @@ def refresh(model, before=None, frozen_before=()):
     state = state_of(model, required=False)
     if state is None:
         freezing.set_plain_flags(model, frozen_before)
+        _COMPILED_FOR.pop(model, None)
+        freezing.reset_compiled_functions(model)
     else:
         push_active(model, state)
         freezing.set_flags(model, state)
-    freezing.reset_compiled_functions(model)
+        signature = graph_signature(model, state)
+        if _COMPILED_FOR.get(model) != signature:
+            freezing.reset_compiled_functions(model)
+            _COMPILED_FOR[model] = signature
     if before is not None:
         freezing.refresh_optimizer(model, before)
