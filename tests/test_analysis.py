@@ -413,3 +413,15 @@ def test_load_model_or_preset_reads_both_kinds(tmp_path):
     open(tmp_path / "weights.h5", "w").close()
     with pytest.raises(ValueError, match="is not a .keras file or a preset folder"):
         load_model_or_preset(str(tmp_path / "weights.h5"))
+
+
+def test_a_preset_naming_an_unknown_task_is_refused(tmp_path):
+    from keras_lowrank.analysis import load_model_or_preset
+
+    pytest.importorskip("keras_hub")
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "task.json").write_text('{"registered_name": "nowhere>Nothing"}')
+    with pytest.raises(ValueError, match=(
+        "names task 'nowhere>Nothing', which is not a KerasHub task class")):
+        load_model_or_preset(str(folder))

@@ -131,3 +131,12 @@ def test_refusals():
     probe.set_model(model)
     with pytest.raises(ValueError, match="targets entry 'nope' matched no layer"):
         probe.on_train_begin()
+
+
+def test_a_model_without_float_kernels_is_refused():
+    model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(K, name="dense")])
+    model.quantize("int8")
+    probe = GradientSubspace(_data(), loss="mse")
+    probe.set_model(model)
+    with pytest.raises(ValueError, match="found no float kernel to measure in model"):
+        probe.on_train_begin()

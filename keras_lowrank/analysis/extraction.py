@@ -93,7 +93,7 @@ class Extraction:
 
     def table(self):
         """A plain-text table, one row per layer."""
-        from keras_lowrank.analysis.spectrum import _format_rows
+        from keras_lowrank.analysis.spectrum import format_rows
 
         rows = [["layer", "rank", "energy", "error", "Eckart–Young", "r·(d+k)", "d·k"]]
         for row in self.layers:
@@ -101,7 +101,7 @@ class Extraction:
                 row.path, str(row.rank), f"{row.energy:.1%}", f"{row.error:.4f}",
                 f"{row.bound:.4f}", f"{row.params:,}", f"{row.full_params:,}",
             ])
-        lines = _format_rows(rows)
+        lines = format_rows(rows)
         lines.append(
             f"adapter {self.name!r}: {self.params:,} parameters for "
             f"{self.full_params:,} kernel entries "

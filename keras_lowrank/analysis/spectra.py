@@ -7,7 +7,9 @@ singular values *of every entry*, and energies add up over the entries.
 
 The analysis runs on the host in float64: it is offline work, and the small
 singular values that decide "how low is the rank" are exactly the ones
-float32 rounding would blur.
+float32 rounding would blur. That is why `product_svd` repeats, in NumPy,
+the QR-core trick of `adapter_math.truncate_product` (which stays in
+`keras.ops`, on the device, for `combine`).
 
 Example:
 

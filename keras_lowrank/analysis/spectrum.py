@@ -166,7 +166,7 @@ class DeltaSpectrum:
                    for e in ENERGY_LEVELS]
                 + ["", ""]
             )
-        lines = _format_rows([head] + rows)
+        lines = format_rows([head] + rows)
         if self.changed_weights:
             lines.append(
                 f"{len(self.changed_weights)} other weights changed: "
@@ -274,7 +274,8 @@ def _has_adapters(model):
     return bool(adapted_layers(model))
 
 
-def _format_rows(rows):
+def format_rows(rows):
+    """Text columns: the first left-aligned, the rest right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
