@@ -31,6 +31,9 @@ from keras_lowrank.loraplus import LoraPlusOptimizer
 from keras_lowrank.io.keras_file import load_model
 from keras_lowrank.report import AdapterReport
 from keras_lowrank.report import report
+from keras_lowrank.serving import per_example_adapters
+from keras_lowrank.serving import stack_adapters
+from keras_lowrank.serving import unstack_adapters
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.surgery.adapt import adapt
 from keras_lowrank.surgery.adapt import unload
@@ -62,10 +65,13 @@ __all__ = [
     "LowRankEmbedding",
     "LowRankLayer",
     "merge",
+    "per_example_adapters",
     "read_adapter_config",
     "report",
     "save_adapter",
     "set_adapter",
+    "stack_adapters",
     "unload",
     "unmerge",
+    "unstack_adapters",
 ]

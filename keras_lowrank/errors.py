@@ -62,3 +62,25 @@ def check_known_adapter(model, name, known, verb, argument="names"):
     if name not in known:
         raise unknown_adapter(model, name, known)
     return name
+
+
+def stacked_training(owner):
+    """The one "stacked adapters do not train" error.
+
+    Args:
+        owner: how the message starts: `"keras_lowrank: layer 'x'"` or
+            `"keras_lowrank: model 'm'"`.
+
+    Returns:
+        A `ValueError` to raise.
+
+    Example:
+
+    >>> str(stacked_training("keras_lowrank: model 'm'"))[:60]
+    "keras_lowrank: model 'm': the model's adapters are stacked f"
+    """
+    return ValueError(
+        f"{owner}: the model's adapters are stacked for serving "
+        "(keras_lowrank.stack_adapters), which is inference only. Call "
+        "keras_lowrank.unstack_adapters(model) before training."
+    )

@@ -132,7 +132,7 @@ def set_adapter(model, names):
     conflict = owned.conflicts(state, names)
     if conflict:
         raise ValueError(owned.conflict_message(*conflict))
-    with transaction(model, "set_adapter"):
+    with transaction(model, "set_adapter", while_stacked=True):
         state.active = names
     return model
 
@@ -214,7 +214,7 @@ def disable_adapters(model):
     # and merged sets, the owned values. Verbs that change adapters are
     # refused inside the context, so this snapshot stays valid.
     entry = Snapshot(model, kernels=merged)
-    with transaction(model, "disable_adapters", kernels=merged):
+    with transaction(model, "disable_adapters", kernels=merged, while_stacked=True):
         for layer in merged:
             layer.unmerge()
         state.disabled = True

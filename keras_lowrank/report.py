@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+from keras_lowrank.state import stacks
 from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import state_of
 
@@ -46,6 +47,8 @@ class AdapterReport:
         frozen_params: parameters that do not.
         adapter_params: parameters held by all adapters.
         adapted_kernel_params: `d·k` summed over the adapted kernels.
+        stacked_values: values in the serving stacks (`stack_adapters`):
+            copies of the adapters, counted in neither total.
     """
 
     rows: tuple
@@ -53,6 +56,7 @@ class AdapterReport:
     frozen_params: int
     adapter_params: int
     adapted_kernel_params: int
+    stacked_values: int = 0
 
     @property
     def total_params(self):
@@ -97,6 +101,11 @@ class AdapterReport:
             f"({100 * self.trainable_params / total:.2f}% of {self.total_params:,})",
             f"frozen parameters:    {self.frozen_params:,}",
         ]
+        if self.stacked_values:
+            lines.append(
+                f"stacked for serving:  {self.stacked_values:,} values "
+                "(copies of the adapters; unstack_adapters frees them)"
+            )
         return "\n".join(lines)
 
     def _repr_pretty_(self, printer, cycle):
@@ -155,11 +164,13 @@ def report(model):
                 )
             )
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
-    frozen = sum(math.prod(w.shape) for w in model.non_trainable_weights)
+    stacked = sum(math.prod(v.shape) for v in stacks.stack_variables(model))
+    frozen = sum(math.prod(w.shape) for w in model.non_trainable_weights) - stacked
     return AdapterReport(
         rows=tuple(rows),
         trainable_params=int(trainable),
         frozen_params=int(frozen),
         adapter_params=int(sum(row.params for row in rows)),
         adapted_kernel_params=int(adapted_kernels),
+        stacked_values=int(stacked),
     )

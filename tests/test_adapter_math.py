@@ -484,7 +484,58 @@ TESTED = TESTED_ELSEWHERE | {
     "pissa_factors",
     "olora_factors",
     "kernel_factors",
+    "stacked_slot",
+    "routed_factors",
+    "rows_lowrank_contribution",
 }
+
+
+# --- stacked adapters and per-row routing ----------------------------------------
+
+
+@pytest.mark.parametrize("batch_ndim", [0, 1])
+def test_stacked_slot_pads_the_rank_and_folds_the_scale(batch_ndim):
+    rng = np.random.default_rng(11)
+    lead = (2,) * batch_ndim
+    a, b = _rand(rng, *lead, 5, 2), _rand(rng, *lead, 2, 3)
+    a4, b4 = am.stacked_slot(a, b, 0.75, 4, batch_ndim)
+    assert a4.shape == lead + (5, 4) and b4.shape == lead + (4, 3)
+    assert not a4[..., 2:].any() and not np.take(b4, [2, 3], axis=batch_ndim).any()
+    expected = 0.75 * np.matmul(a.astype("float64"), b.astype("float64"))
+    np.testing.assert_allclose(np.matmul(a4, b4), expected, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="rank 2 does not fit a stack of rank 1"):
+        am.stacked_slot(a, b, 1.0, 1, batch_ndim)
+
+
+def test_routed_factors_picks_one_slot():
+    rng = np.random.default_rng(12)
+    a, b = _rand(rng, 3, 4, 2), _rand(rng, 3, 2, 5)
+    a1, b1 = am.routed_factors(a, b, np.int32(2))
+    _close(a1, a[2].astype("float64"))
+    _close(b1, b[2].astype("float64"))
+
+
+@pytest.mark.parametrize(
+    "x_shape, contracted_ndim, out_shape",
+    [((4, 6), 1, None), ((4, 3, 6), 1, None), ((4, 3, 2, 3), 2, (5,)),
+     ((4, 6), 1, (5, 1))],
+)
+def test_rows_lowrank_contribution_is_each_rows_own_xab(x_shape, contracted_ndim,
+                                                        out_shape):
+    rng = np.random.default_rng(13)
+    x = _rand(rng, *x_shape)
+    a, b = _rand(rng, 3, 6, 2), _rand(rng, 3, 2, 5)
+    a[0], b[0] = 0.0, 0.0  # slot 0: the base model
+    rows = np.array([2, 0, 1, 2], "int32")
+    out = _np(am.rows_lowrank_contribution(x, a, b, rows, contracted_ndim, out_shape))
+    lead = x_shape[: len(x_shape) - contracted_ndim]
+    assert out.shape == lead + tuple(out_shape or (5,))
+    for n, slot in enumerate(rows):
+        flat = x[n].reshape(-1, 6).astype("float64")
+        expected = (flat @ a[slot].astype("float64")) @ b[slot].astype("float64")
+        expected = expected.reshape(lead[1:] + tuple(out_shape or (5,)))
+        np.testing.assert_allclose(out[n], expected, rtol=RTOL, atol=ATOL)
+    assert not out[1].any()  # the base row gets nothing
 
 
 def test_every_public_function_has_a_test():

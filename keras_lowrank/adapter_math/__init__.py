@@ -2,7 +2,8 @@
 
 One package, one module per job: `lowrank` (scaling, the side output, `ΔW`,
 merging, combining), `dora` (DoRA's norm and recombination), `init` (the
-initialisers). Callers use the names re-exported here
+initialisers), `routing` (adapters stacked in slots, rows routed to them).
+Callers use the names re-exported here
 (`adapter_math.lowrank_delta`), so tests can patch them in one place.
 
 The layers only say how their kernel maps to a matrix and how an input meets a
@@ -31,6 +32,9 @@ from keras_lowrank.adapter_math.lowrank import relative_error  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import scaling_factor  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import truncate_product  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import unmerge_kernel  # noqa: F401
+from keras_lowrank.adapter_math.routing import routed_factors  # noqa: F401
+from keras_lowrank.adapter_math.routing import rows_lowrank_contribution  # noqa: F401
+from keras_lowrank.adapter_math.routing import stacked_slot  # noqa: F401
 from keras_lowrank.adapter_math.dora import column_sq_norm  # noqa: F401
 from keras_lowrank.adapter_math.dora import dora_column_norm  # noqa: F401
 from keras_lowrank.adapter_math.dora import dora_combine  # noqa: F401
@@ -61,6 +65,9 @@ __all__ = [
     "scaling_factor",
     "truncate_product",
     "unmerge_kernel",
+    "routed_factors",
+    "rows_lowrank_contribution",
+    "stacked_slot",
     "column_sq_norm",
     "dora_column_norm",
     "dora_combine",

@@ -28,6 +28,7 @@ from keras_lowrank.io import safetensors_io
 from keras_lowrank.io.adapter_format import fingerprint  # noqa: F401 (public)
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.state import owned
+from keras_lowrank.state import stacks
 from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.state.transaction import transaction
@@ -360,7 +361,7 @@ def _replace_values(model, state, name, plan, factors, values, config, file):
     live = [k for k in values if state.holders.get(k, owned.BASE) == name]
     with transaction(
         model, "load_adapter", kernels=merging,
-        variables=owned.resolve(model, live).values(),
+        variables=owned.resolve(model, live).values(), while_stacked=True,
     ):
         for path, layer in mine.items():
             was_merged = name in layer.merged_adapters
@@ -373,3 +374,4 @@ def _replace_values(model, state, name, plan, factors, values, config, file):
                 layer.merge([name])
         for key, value in values.items():
             owned.set_value(model, state, name, key, value)
+        stacks.refill(model, name)  # a stacked model serves the new values

@@ -33,6 +33,7 @@ import urllib.parse
 import keras
 import numpy as np
 
+from keras_lowrank import errors
 from keras_lowrank import keras_private
 from keras_lowrank.io import manifest as manifest_lib
 from keras_lowrank.layers import quantize_hooks
@@ -76,6 +77,17 @@ class AdaptedModel:
         if build_config is not None:
             inner["build_config"] = build_config
         return {"model": inner, "adapters": manifest_lib.manifest(self)}
+
+    # Refused before Keras starts: a fit that fails inside its first trace
+    # leaves a JAX optimizer half-built. The layers refuse too, for custom
+    # training loops (`adapter_stack`).
+    def fit(self, *args, **kwargs):
+        _check_not_stacked(self)
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        _check_not_stacked(self)
+        return super().train_on_batch(*args, **kwargs)
 
     def save(self, filepath, *args, **kwargs):
         if str(filepath).endswith((".h5", ".hdf5")) or kwargs.get("save_format") == "h5":
@@ -165,6 +177,12 @@ keras.saving.register_keras_serializable(
 )(AdaptedModel)
 
 _ADAPTED_CLASSES = {}
+
+
+def _check_not_stacked(model):
+    state = getattr(model, "_keras_lowrank", None)
+    if state is not None and state.stacked is not None:
+        raise errors.stacked_training(f"keras_lowrank: model '{model.name}'")
 
 
 def mark_adapted(model):

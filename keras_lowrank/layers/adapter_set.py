@@ -77,6 +77,10 @@ class AdapterSet:
         self.pending_active = []
         self.pending_merged = []
         self.from_config = False
+        # While the model's adapters are stacked for serving, the
+        # `AdapterStack` that `call` computes with instead (see
+        # `adapter_stack`); nothing trains then.
+        self.stack = None
 
     # --- reading ---------------------------------------------------------------
 
@@ -334,12 +338,13 @@ class AdapterSet:
         """Factors train while active and unmerged; the kernel never does;
         the bias trains when an active adapter asks for `bias="all"`.
 
-        A frozen layer (`layer.trainable = False`) keeps every variable
+        A stacked layer (serving) trains nothing. A frozen layer
+        (`layer.trainable = False`) keeps every variable
         frozen: a parent model collects its sublayers' variables by their
         own flags, so a factor flagged trainable here would still train."""
         layer = self.layer
         layer._kernel_variable().trainable = False
-        live = self.live() if layer.trainable else []
+        live = self.live() if layer.trainable and self.stack is None else []
         for name in self.specs:
             for key, var in self.variables(name).items():
                 var.trainable = key in TRAINABLE_KEYS and name in live

@@ -526,6 +526,12 @@ class LowRankLayer:
         """How the input meets `A` (stored layout)."""
         raise NotImplementedError
 
+    def _rows_contraction(self):
+        """How many trailing input axes meet `A` when the layer is a plain
+        matrix product on them (each row can then use its own adapter,
+        `adapter_stack`), else `None`."""
+        return None
+
     def _contract_b(self, h, b):
         """How the rank-r intermediate meets `B` (stored layout)."""
         raise NotImplementedError

@@ -92,5 +92,8 @@ class LowRankDense(LowRankLayer, keras.layers.Dense):
     def _contract_b(self, h, b):
         return adapter_math.flat_matmul(h, b)
 
+    def _rows_contraction(self):
+        return 1
+
     def _units_to_output(self, units, ndim):
         return units

@@ -99,6 +99,11 @@ class LowRankEinsumDense(LowRankLayer, keras.layers.EinsumDense):
             return adapter_math.flat_matmul(x, a, len(layout.in_axes))
         return ops.einsum(factorization.a_equation, x, a)
 
+    def _rows_contraction(self):
+        if not self._factorization().matrix_form:
+            return None
+        return len(self._layout().in_axes)
+
     def _contract_b(self, h, b):
         factorization = self._factorization()
         if factorization.matrix_form:

@@ -25,6 +25,8 @@ from keras_lowrank.layers import merging
 def call(layer, inputs, training=None):
     """`activation(x·W + Σ adapters + bias)` for the active, unmerged adapters."""
     aset = layer._lowrank
+    if aset.stack is not None:  # serving: see `adapter_stack`
+        return layer._finish_output(aset.stack.output(inputs, training))
     pending = aset.live()
     if pending and folds_for_inference(layer, inputs, pending, training):
         kernel = ops.cast(layer._kernel_variable(), "float32")

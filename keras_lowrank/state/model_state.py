@@ -31,6 +31,11 @@ class ModelState:
             the owned values not currently in the model's variables.
         holders: key -> the adapter whose value the variable holds now
             (absent: the base model's).
+        stacked: while the adapters are stacked for serving
+            (`keras_lowrank.serving.stack_adapters`), the adapter names in
+            slot order; else `None`. Runtime only: never saved.
+        rows: inside `per_example_adapters`, the adapter name (or `None`,
+            the base model) of each row of the batch; else `None`.
     """
 
     def __init__(self):
@@ -40,6 +45,18 @@ class ModelState:
         self.disabled = False
         self.stash = {}
         self.holders = {}
+        self.stacked = None
+        self.rows = None
+
+    @property
+    def applying(self):
+        """The adapters whose values apply now: `active`, or none while
+        disabled or while each row of a batch has its own
+        (`per_example_adapters`, where the base model's owned values
+        apply)."""
+        if self.disabled or self.rows is not None:
+            return []
+        return list(self.active)
 
     @property
     def kept(self):

@@ -167,10 +167,9 @@ def sync(model, state):
     active adapter owning it, else the base model), stashing the previous
     holder's value."""
     desired = {}
-    if not state.disabled:
-        for name in state.active:
-            for key in state.options[name].get("owned", []):
-                desired.setdefault(key, name)
+    for name in state.applying:
+        for key in state.options[name].get("owned", []):
+            desired.setdefault(key, name)
     keys = all_keys(state)
     moves = [
         k for k in keys if desired.get(k, BASE) != state.holders.get(k, BASE)

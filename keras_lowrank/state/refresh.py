@@ -7,15 +7,19 @@ own active list is derived from it here, never set by a verb directly.
 date, always in this order:
 
 1. the active set: each adapted layer gets the model's active adapters that
-   it holds (none while disabled), and the values adapters own (task heads,
-   biases) are swapped in (`owned.sync`);
+   it holds (none while disabled), the values adapters own (task heads,
+   biases) are swapped in (`owned.sync`), and the stacks of a model served
+   from stacked adapters are filled and routed (`stacks.sync`);
 2. trainability (`freezing.set_flags`);
 3. the compiled train/test/predict (and KerasHub generate) functions are
    dropped when what they were traced with changed (`graph_signature`:
    which adapters each layer computes or holds merged, their options, the
-   variables, the trainable set); Keras re-traces them on the next call. A
-   verb that only changes values (`load_adapter` into an existing adapter
-   of the same shapes) keeps them: nothing recompiles;
+   variables, the trainable set); Keras re-traces them on the next call,
+   unless the model had this graph before and its inference functions were
+   kept for it (`compiled.follow`). A verb that only changes values
+   (`load_adapter` into an existing adapter of the same shapes, or
+   `set_adapter` while the adapters are stacked) keeps them: nothing
+   recompiles;
 4. a compiled model whose trainable variables changed gets a fresh
    optimizer of the same configuration (`freezing.refresh_optimizer`).
 
@@ -27,47 +31,56 @@ calls it when a verb's `with transaction(...)` block ends without error,
 inside the transaction, so a failing refresh is rolled back too.
 """
 
-import weakref
-
+from keras_lowrank.state import compiled
 from keras_lowrank.state import owned
+from keras_lowrank.state import stacks
 from keras_lowrank.state.model_state import adapted_layers
+from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.surgery import freezing
-
-
-# model -> the graph_signature its compiled functions were last kept for.
-_COMPILED_FOR = weakref.WeakKeyDictionary()
 
 
 def graph_signature(model, state):
     """Everything a traced train/predict function of `model` depends on
     besides variable *values*: per adapted layer its class, quantization,
-    computed and merged adapters and their options, and every variable's
-    identity; the model's trainable and frozen variables, in order."""
+    computed and merged adapters and their options, its stack (serving) and
+    every variable's identity; the model's trainable and frozen variables,
+    in order.
+
+    While the adapters are stacked, which adapter is active (or whether all
+    are disabled) is a variable's value, not part of the graph: that is what
+    makes switching free."""
+    stacked = state.stacked is not None
+    visits = adapted_visits(model)
     layers = tuple(
         (
             id(layer), type(layer).__name__, getattr(layer, "quantization_mode", None),
-            tuple(layer.active_adapters), tuple(layer.merged_adapters),
+            None if stacked else tuple(layer.active_adapters),
+            tuple(layer.merged_adapters),
             tuple((n, layer.adapter_spec(n)) for n in layer.adapter_names),
             tuple(id(v) for v in layer.weights),
         )
-        for layer in adapted_layers(model)
+        for layer in (visit.layer for visit in visits)
+    )
+    routing = ("stacked", stacks.signature(visits)) if stacked else (
+        state.disabled, tuple(state.active)
     )
     return (
-        state.disabled, tuple(state.active), layers,
+        routing, layers,
         tuple(id(v) for v in model.trainable_variables),
         tuple(id(v) for v in model.non_trainable_variables),
     )
 
 
 def effective_active(state):
-    """The adapters that apply now: `state.active`, or none while disabled."""
-    return [] if state.disabled else list(state.active)
+    """The adapters that apply now (`ModelState.applying`)."""
+    return state.applying
 
 
 def push_active(model, state):
     """Step 1: gives every adapted layer the active adapters it holds, in the
-    model's order, and swaps in the owned values of the active adapters."""
+    model's order, swaps in the owned values of the active adapters, and
+    brings the layers' stacks (serving) up to date (`stacks.sync`)."""
     active = effective_active(state)
     for layer in adapted_layers(model):
         names = layer.adapter_names
@@ -75,6 +88,7 @@ def push_active(model, state):
         if layer.active_adapters != wanted:
             layer.set_active_adapters(wanted)
     owned.sync(model, state)
+    stacks.sync(model, state)
 
 
 def refresh(model, before=None, frozen_before=()):
@@ -102,14 +116,18 @@ def refresh(model, before=None, frozen_before=()):
     state = state_of(model, required=False)
     if state is None:
         freezing.set_plain_flags(model, frozen_before)
-        _COMPILED_FOR.pop(model, None)
-        freezing.reset_compiled_functions(model)
+        compiled.forget(model)
     else:
         push_active(model, state)
         freezing.set_flags(model, state)
-        signature = graph_signature(model, state)
-        if _COMPILED_FOR.get(model) != signature:
-            freezing.reset_compiled_functions(model)
-            _COMPILED_FOR[model] = signature
+        follow_graph(model, state)
     if before is not None:
         freezing.refresh_optimizer(model, before)
+
+
+def follow_graph(model, state=None):
+    """Step 3 on its own: keeps, drops or brings back the compiled functions
+    for the graph `model` has now (`compiled.follow`). A rollback runs it
+    after putting the model back."""
+    state = state_of(model, required=False) if state is None else state
+    compiled.follow(model, None if state is None else graph_signature(model, state))

@@ -69,6 +69,9 @@ from keras_lowrank.state.model_state import adapted_layers
 from keras_lowrank.io.keras_file import mark_adapted
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.io.keras_file import unmark_adapted
+from keras_lowrank.state import stacks
+from keras_lowrank.state.model_state import adapted_visits
+from keras_lowrank.state.refresh import follow_graph
 from keras_lowrank.state.refresh import refresh
 from keras_lowrank.surgery import freezing
 from keras_lowrank.surgery.walk import sublayers
@@ -81,7 +84,7 @@ _OPEN = {}
 @contextlib.contextmanager
 def transaction(
     model, verb, layers=None, kernels=(), variables=(), while_disabled=False,
-    read_only=False,
+    read_only=False, while_stacked=False,
 ):
     """Runs the block as one all-or-nothing change of `model`.
 
@@ -93,7 +96,11 @@ def transaction(
             included).
         kernels: the layers whose kernel the verb may write.
         variables: further variables whose values the verb may change.
-        while_disabled: allow the verb inside `disable_adapters`.
+        while_disabled: allow the verb inside `disable_adapters` (and
+            `per_example_adapters`).
+        while_stacked: allow the verb while the adapters are stacked for
+            serving (it switches adapters or replaces their values; verbs
+            that add, delete, merge or unmerge adapters are refused then).
         read_only: the verb only reads the model (`save_adapter`,
             `export_peft_adapter`; at most it adopts a cloned model's
             state): allowed inside `disable_adapters`, and no refresh after
@@ -126,6 +133,8 @@ def transaction(
         return
     if not (while_disabled or read_only):
         check_not_disabled(model, verb)
+    if not (while_stacked or read_only):
+        check_not_stacked(model, verb)
     snapshot = Snapshot(model, layers or (), kernels, variables)
     _OPEN[id(model)] = snapshot
     try:
@@ -140,9 +149,17 @@ def transaction(
 
 
 def check_not_disabled(model, verb):
-    """Raises if `model` is inside `disable_adapters`: `verb` would change
-    adapters that the context's exit must put back as they were."""
+    """Raises if `model` is inside `disable_adapters` or
+    `per_example_adapters`: `verb` would change adapters that the context's
+    exit must put back as they were."""
     state = state_of(model, required=False)
+    if state is not None and state.rows is not None:
+        raise ValueError(
+            f"keras_lowrank: {verb}() was called inside "
+            f"`keras_lowrank.per_example_adapters(model, ...)` on model "
+            f"'{model.name}', where each row of the batch has its adapter. "
+            f"Leave the context first, then call {verb}()."
+        )
     if state is not None and state.disabled:
         raise ValueError(
             f"keras_lowrank: {verb}() was called inside "
@@ -150,6 +167,20 @@ def check_not_disabled(model, verb):
             f"'{model.name}'. The context switches every adapter off for its "
             "duration and puts them back on exit; leave the context first, "
             f"then call {verb}()."
+        )
+
+
+def check_not_stacked(model, verb):
+    """Raises if `model`'s adapters are stacked for serving: `verb` would
+    add, delete, merge or unmerge adapters, which the stacks copy."""
+    state = state_of(model, required=False)
+    if state is not None and state.stacked is not None:
+        raise ValueError(
+            f"keras_lowrank: {verb}() was called while the adapters of model "
+            f"'{model.name}' are stacked for serving "
+            "(keras_lowrank.stack_adapters). Call "
+            f"keras_lowrank.unstack_adapters(model), then {verb}(), then "
+            "stack_adapters again."
         )
 
 
@@ -179,7 +210,8 @@ class Snapshot:
         owned_keys = [] if self.state is None else owned.all_keys(self.state)
         owned_vars = owned.resolve(model, owned_keys).values() if owned_keys else ()
         self.extend(list(adapted_layers(model)) + list(layers), kernels,
-                    list(variables) + list(owned_vars))
+                    list(variables) + list(owned_vars)
+                    + stacks.stack_variables(model))
 
     def extend(self, layers=(), kernels=(), variables=()):
         """Adds more to the snapshot (a joined transaction's share). What is
@@ -224,10 +256,17 @@ class Snapshot:
                 mark_adapted(model)
         if type(model) is not self.model_class:
             keras_private.swap_class(model, self.model_class)
+        # The stacks (serving) are derived from the state: bring them back
+        # in step with the state put back (a stacking that failed half-way
+        # leaves none behind).
+        if self.state is None or self.state.stacked is None:
+            stacks.remove(adapted_visits(model))
+        else:
+            stacks.sync(model, self.state)
         self._restore_flags()
         if self.optimizer is not None and model.optimizer is not self.optimizer:
             model.optimizer = self.optimizer
-        freezing.reset_compiled_functions(model)
+        follow_graph(model)
         if freezing.trainable_ids(model) != self.before:
             # Adapters created again have new variables: an optimizer built
             # for the old ones cannot train them.

@@ -10,7 +10,8 @@ depends on history:
   `trainable=[...]`) train entirely;
 - biases train where an active adapter's bias policy asks for it:
   `"lora_only"` the adapted layers' biases, `"all"` every bias in the model;
-- everything else is frozen. Leaf layers are frozen with
+- everything else is frozen (everything, while the adapters are stacked
+  for serving). Leaf layers are frozen with
   `layer.trainable = False`, so layers such as BatchNormalization also switch
   to inference behaviour, as Keras users expect of a frozen layer.
 """
@@ -31,9 +32,12 @@ def set_flags(model, state):
     """Sets every weight's `trainable` flag in `model` from `state` (the
     rule in the module docstring)."""
     visits = walk(model)
-    kept = set(state.kept)
+    # Stacked for serving (inference only): nothing trains, so switching
+    # adapters leaves the trainable partition, and the traced graph, alone.
+    stacked = state.stacked is not None
+    kept = set() if stacked else set(state.kept)
     make_all_trainable(model)
-    active = [] if state.disabled else state.active
+    active = [] if state.disabled or stacked else state.active
     bias_everywhere = any(
         state.options.get(name, {}).get("bias") == "all" for name in active
     )
