@@ -528,3 +528,68 @@ def test_report_counts_the_stacks_apart():
     assert stacked.frozen_params == before.frozen_params + before.trainable_params
     assert "stacked for serving:  418 values" in str(stacked)
     assert "stacked for serving" not in str(before)
+
+
+# --- the model kinds ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind_name", [
+    "sequential", "functional", "subclassed", "subclassed_nested", "bert_classifier",
+    "llama_causal_lm", "gemma_causal_lm",
+])
+def test_every_model_kind_serves_stacked_and_mixed(kind_name):
+    kind = model_kinds.KINDS[kind_name]
+    if kind.hub:
+        pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    model = kind.build()
+    for i, name in enumerate(("a", "b")):
+        kl.adapt(model, rank=2, targets=list(kind.default_targets) or None, name=name,
+                 init="gaussian", seed=i, trainable=[])
+    rng = np.random.default_rng(5)
+    for layer in keras_lowrank_layers(model):
+        for name in layer.adapter_names:
+            var = layer.adapter_variables(name)["B"]
+            var.assign(rng.normal(size=var.shape).astype("float32"))
+    x = kind.inputs()
+    rows = len(next(iter(x.values())) if isinstance(x, dict) else x)
+    want = {}
+    for name in ("a", "b"):
+        kl.set_adapter(model, name)
+        want[name] = np.asarray(model_kinds.outputs(model, x))
+    with kl.disable_adapters(model):
+        want[None] = np.asarray(model_kinds.outputs(model, x))
+    assert not np.allclose(want["a"], want["b"], atol=1e-4)  # the check can fail
+    kl.stack_adapters(model)
+    for name in ("b", "a"):
+        kl.set_adapter(model, name)
+        np.testing.assert_allclose(model_kinds.outputs(model, x), want[name],
+                                   rtol=1e-4, atol=1e-5)
+    names = [("a", "b", None)[i % 3] for i in range(rows)]
+    with kl.per_example_adapters(model, names):
+        got = np.asarray(model_kinds.outputs(model, x))
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(got[i], want[name][i], rtol=1e-4, atol=1e-5)
+
+
+def test_functions_of_a_graph_that_cannot_come_back_are_not_kept():
+    from keras_lowrank.state import compiled
+
+    model = _model()
+    for name in ("a", "b", "c"):
+        kl.set_adapter(model, name)
+        model.predict(X, verbose=0)
+    record = model.__dict__[compiled._ATTR]
+    assert len(record.cache) == 2  # the graphs of "a" and "b", for switching back
+    kl.delete_adapter(model, "b")  # its variables leave the model, for good
+    assert not record.cache  # every graph so far had them
+    kl.set_adapter(model, "a")
+    model.predict(X, verbose=0)
+    kl.set_adapter(model, "c")
+    model.predict(X, verbose=0)
+    assert len(record.cache) == 1  # "a", without "b" now
+    current = {id(v) for v in model.variables}
+    for _, (variables, _) in record.cache.values():
+        assert all(id(v) in current for v in variables)
+    kl.unload(model)
+    assert not record.cache

@@ -17,8 +17,10 @@ is the one place that acts on that:
   is traced or compiled again.
 
 A cached function holds the variables of its signature alive, so a variable
-id in a signature can never be reused by another variable. At most
-`MAX_CACHED` signatures are kept per model, least recently used first out.
+id in a signature can never be reused by another variable. Functions traced
+with a variable the model no longer has are dropped (that graph cannot come
+back), and at most `MAX_CACHED` signatures are kept per model, least
+recently used first out.
 The train and test functions are never cached: they close over the
 optimizer and the compiled metrics, which a verb may replace.
 """
@@ -39,6 +41,7 @@ class _Compiled:
 
     def __init__(self):
         self.traced_for = None
+        self.alive = None  # what `traced_for` names, held alive
         self.cache = collections.OrderedDict()
 
 
@@ -74,15 +77,18 @@ def follow(model, signature):
     if record.traced_for is not None:
         functions = {a: getattr(model, a, None) for a in CACHED}
         if any(f is not None for f in functions.values()):
-            record.cache[record.traced_for] = (functions, _alive(model))
+            record.cache[record.traced_for] = (functions, record.alive)
             record.cache.move_to_end(record.traced_for)
             while len(record.cache) > MAX_CACHED:
                 record.cache.popitem(last=False)
+    _drop_dead(model, record)
     freezing.reset_compiled_functions(model)
     record.traced_for = key
     if key is None:
+        record.alive = None
         record.cache.clear()
         return
+    record.alive = _alive(model)
     entry = record.cache.pop(key, None)
     if entry is not None:
         for attr, function in entry[0].items():
@@ -93,6 +99,16 @@ def follow(model, signature):
 def forget(model):
     """Drops every compiled function of `model`, cached ones too."""
     follow(model, None)
+
+
+def _drop_dead(model, record):
+    """Drops the functions traced with a variable the model no longer has
+    (a deleted adapter, a removed stack): a variable never comes back, so
+    neither can their graph, and they would keep its memory alive."""
+    current = {id(v) for v in model.variables}
+    for key, (_, (variables, _)) in list(record.cache.items()):
+        if any(id(v) not in current for v in variables):
+            del record.cache[key]
 
 
 def _compile_options(model):
