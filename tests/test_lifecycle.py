@@ -365,7 +365,10 @@ def test_two_adapters_trained_on_different_data_give_different_outputs():
     kl.adapt(model, rank=2, name="a", targets=["d1", "d2"], trainable=["out"], seed=1)
     compiled(model, lr=0.02).fit(x, y1, epochs=20, batch_size=32, verbose=0)
     out_a = predict(model, x)
-    kl.adapt(model, rank=2, name="b", targets=["d1", "d2"], trainable=["out"], seed=2)
+    # PEFT's name for the same option.
+    kl.adapt(model, rank=2, name="b", targets=["d1", "d2"], modules_to_save=["out"],
+             seed=2)
+    assert model._keras_lowrank.options["b"]["kept"] == ["out"]
     np.testing.assert_allclose(predict(model, x), reference_mlp(model, x, []), atol=1e-5)
     model.fit(x, y2, epochs=20, batch_size=32, verbose=0)
     out_b = predict(model, x)

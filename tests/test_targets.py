@@ -268,6 +268,11 @@ def test_entry_that_matches_nothing_raises_and_changes_nothing(case):
 # --- argument types ---------------------------------------------------------
 
 BAD_ARGUMENTS = {
+    "trainable twice": (
+        dict(trainable=["hidden"], modules_to_save=["hidden"]), TypeError,
+        r"adapt\(\) got both `trainable` and `modules_to_save`, which are one "
+        r"option \(PEFT's name and ours\)\. Pass one of them\.",
+    ),
     "int targets": (
         dict(targets=123), TypeError, r"targets=123 \(int\) is not a target\. Pass a layer name",
     ),

@@ -9,7 +9,7 @@ date, always in this order:
 1. the active set: each adapted layer gets the model's active adapters that
    it holds (none while disabled), the values adapters own (task heads,
    biases) are swapped in (`owned.sync`), and the stacks of a model served
-   from stacked adapters are filled and routed (`stacks.sync`);
+   from stacked adapters are created, routed or removed (`stacks.sync`);
 2. trainability (`freezing.set_flags`);
 3. the compiled train/test/predict (and KerasHub generate) functions are
    dropped when what they were traced with changed (`graph_signature`:

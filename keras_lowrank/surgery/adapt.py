@@ -50,6 +50,7 @@ def adapt(
     rank_pattern=None,
     alpha_pattern=None,
     seed=None,
+    modules_to_save=None,
 ):
     """Adds a low-rank adapter to `model`'s layers, in place, and freezes the
     rest.
@@ -83,11 +84,14 @@ def adapt(
         trainable: layers (names, paths or patterns) that train entirely, like
             PEFT's `modules_to_save`. `None` keeps a KerasHub task's head
             trainable; a list replaces that default (`[]` freezes the head).
+            Each adapter keeps its own copy of these layers' weights: they
+            switch with it and travel in its adapter file.
         name: the adapter's name.
         rank_pattern: `{pattern: rank}` overriding `rank` for matching layers
             (patterns as in `targets`; the first match wins).
         alpha_pattern: `{pattern: alpha}`, likewise.
         seed: optional int seed for the initial factors.
+        modules_to_save: PEFT's name for `trainable`; pass one or the other.
 
     Returns:
         `model`.
@@ -119,6 +123,14 @@ def adapt(
     )
     # Read once (a generator would be empty the second time) and checked
     # before anything else; what is used is what gets recorded.
+    if modules_to_save is not None:
+        if trainable is not None:
+            raise TypeError(
+                "keras_lowrank: adapt() got both `trainable` and "
+                "`modules_to_save`, which are one option (PEFT's name and "
+                "ours). Pass one of them."
+            )
+        trainable = modules_to_save
     targets = targeting.normalize("targets", targets)
     exclude = targeting.normalize("exclude", exclude)
     trainable = targeting.normalize("trainable", trainable, lone_regex=False)
