@@ -593,3 +593,30 @@ def test_functions_of_a_graph_that_cannot_come_back_are_not_kept():
         assert all(id(v) in current for v in variables)
     kl.unload(model)
     assert not record.cache
+
+
+def test_stacked_inference_on_many_rows_folds_as_unstacked_does(monkeypatch):
+    from keras_lowrank.layers.dense import LowRankDense
+
+    model = _model()
+    many = np.random.default_rng(1).normal(size=(64, 6)).astype("float32")
+    want = _alone(model, many)
+    folded = {"n": 0}
+    original = LowRankDense._kernel_output
+
+    def spy(self, inputs, kernel):
+        folded["n"] += 1
+        return original(self, inputs, kernel)
+
+    monkeypatch.setattr(LowRankDense, "_kernel_output", spy)
+    kl.stack_adapters(model)
+    for name in ("a", "b"):
+        kl.set_adapter(model, name)
+        np.testing.assert_allclose(model.predict(many, verbose=0), want[name],
+                                   rtol=1e-5, atol=1e-5)
+    assert folded["n"] > 0  # 64 rows >= d = 6: x·(W + A·B), the fast path
+    folded["n"] = 0
+    with kl.per_example_adapters(model, ["a", "b"] * 32):
+        got = np.asarray(model.predict_on_batch(many))
+    assert folded["n"] == 0  # per row: no fold
+    np.testing.assert_allclose(got[1], want["b"][1], rtol=1e-5, atol=1e-5)

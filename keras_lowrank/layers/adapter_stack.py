@@ -28,6 +28,7 @@ from keras import ops
 from keras_lowrank import adapter_math
 from keras_lowrank import errors
 from keras_lowrank import keras_private
+from keras_lowrank.layers import forward
 from keras_lowrank.spec import where
 
 A_ATTR, B_ATTR = "lowrank_stack_A", "lowrank_stack_B"
@@ -153,17 +154,30 @@ class AdapterStack:
 
     def output(self, inputs, training):
         """`x·W + (x·A_slot)·B_slot` (per row while `per_row`), before the
-        bias and activation."""
+        bias and activation; `x·(W + A_slot·B_slot)` when the unstacked
+        layer would fold too (`forward.folds_for_inference`)."""
         layer = self.layer
         if training:
             raise errors.stacked_training(where(layer.path))
+        if not self.per_row:
+            a, b = adapter_math.routed_factors(
+                self.a, self.b, getattr(layer, SLOT_ATTR)
+            )
+            if forward.folds_for_inference(layer, inputs, [], training):
+                # As unstacked: x·(W + A·B) moves less memory for many rows.
+                layout = layer._layout()
+                delta = adapter_math.lowrank_delta(
+                    layout.a_to_matrix(a), layout.b_to_matrix(b), 1.0
+                )
+                kernel = ops.add(
+                    ops.cast(layer._kernel_variable(), "float32"),
+                    layout.from_matrix(delta),
+                )
+                return layer._kernel_output(inputs, kernel)
         base = layer._base_output(inputs)
         if self.per_row:
             side = self._rows_output(inputs)
         else:
-            a, b = adapter_math.routed_factors(
-                self.a, self.b, getattr(layer, SLOT_ATTR)
-            )
             side = adapter_math.lowrank_contribution(
                 inputs, a, b, 1.0,
                 contract_a=layer._contract_a, contract_b=layer._contract_b,
