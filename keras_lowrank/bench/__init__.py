@@ -13,9 +13,11 @@ after the other). It compares, on the same model, batch and machine:
 
 on the pretrained MiniLM classifier (batch 8 x 128 tokens; query/value and
 all-linear target sets), plus a rank sweep and a width sweep on a synthetic
-KerasHub BERT. Figures: step time, peak memory, trainable parameters and
-optimizer-state bytes, each also as a ratio to full fine-tuning, to the
-built-in LoRA and to the floor. Output: Markdown, JSON and a PNG plot.
+KerasHub BERT. `--workloads serving` (not run by default) measures serving
+many adapters: switching and mixed-adapter batches (`serving`). Figures:
+step time, peak memory, trainable parameters and optimizer-state bytes,
+each also as a ratio to full fine-tuning, to the built-in LoRA and to the
+floor. Output: Markdown, JSON and a PNG plot.
 
 The parts, each replaceable on its own:
 
@@ -24,7 +26,8 @@ The parts, each replaceable on its own:
   one `register(Case(...))` adds a variant such as DoRA);
 - `runner`: plans of blocks, interleaved timing, per-process memory;
 - `measure`: timers and memory probes;
-- `report`: ratios, tables, target checks, plot.
+- `report`: ratios, tables, target checks, plot;
+- `serving`: the serving workload, its own timing and tables.
 """
 
 import argparse
@@ -97,7 +100,14 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="a tiny synthetic workload that runs in seconds (tests)")
     p.add_argument("--workloads", default="compare,rank,width",
-                   help="comma list of compare (MiniLM), rank, width")
+                   help="comma list of compare (MiniLM), rank, width, "
+                   "serving (many adapters: switching, mixed batches)")
+    p.add_argument("--serving-adapters", type=int, default=None,
+                   help="serving: adapters per model (default 8; tiny 2)")
+    p.add_argument("--serving-batch-size", type=int, default=None,
+                   help="serving: classifier batch rows (default 64; tiny 4)")
+    p.add_argument("--serving-sequence-length", type=int, default=None,
+                   help="serving: classifier tokens per row (default 128)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--ranks", default="1,2,4,8,16,32,64")
     p.add_argument("--widths", default="128,256,512,768")
@@ -183,10 +193,20 @@ def run(args):
         },
         "records": records,
     }
+    if "serving" in args.workloads.split(","):
+        from keras_lowrank.bench import serving
+
+        result["serving"] = serving.run(
+            tiny=args.tiny, adapters=args.serving_adapters,
+            rank=None if args.tiny else args.rank,
+            batch_size=args.serving_batch_size,
+            sequence_length=args.serving_sequence_length,
+            rounds=args.rounds, steps=args.steps, warmup=args.warmup, log=log,
+        )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench-{backend}")
     report.write_json(result, stem + ".json")
-    text = report.markdown(result)
+    text = _markdown(result)
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
     result["png"] = report.plot(result, stem + ".png")
@@ -246,12 +266,28 @@ def combine(out, backends=BACKENDS):
         if os.path.exists(path):
             with open(path) as f:
                 results.append(json.load(f))
-    parts = [report.markdown(result) for result in results]
-    if len(results) > 1:
+    parts = [_markdown(result) for result in results]
+    if len(results) > 1 and any(result["records"] for result in results):
         parts.insert(0, "### Targets, every backend\n\n"
                      + report.targets_across_backends(results))
+    if len(results) > 1 and any(result.get("serving") for result in results):
+        from keras_lowrank.bench import serving
+
+        parts.insert(0, "### Serving, every backend\n\n"
+                     + serving.across_backends(results))
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write("\n\n".join(parts) + "\n")
+
+
+def _markdown(result):
+    from keras_lowrank.bench import report
+
+    text = report.markdown(result)
+    if result.get("serving"):
+        from keras_lowrank.bench import serving
+
+        text += "\n" + serving.markdown(result["serving"])
+    return text
 
 
 def _without_backend(argv):
