@@ -146,3 +146,95 @@ def test_hot_swap_refuses_what_does_not_fit_and_changes_nothing(tmp_path):
             + message + r".* its rank is at most the adapter's")):
             keras_lowrank.load_adapter(model, path, name="slot")
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)
+
+
+# --- every compiled function follows every state change -------------------------------
+
+
+def _dense_model():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, name="a"),
+                              keras.layers.Dense(4, name="b")], name="follow")
+    for i, name in enumerate(("one", "two")):
+        keras_lowrank.adapt(model, rank=4, name=name, init="gaussian", seed=i,
+                            targets=["a"])
+        _strong(model, name, 10 + i)
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+FUNCTIONS = ("predict", "predict_on_batch", "evaluate", "test_on_batch",
+             "train_on_batch", "fit")
+
+
+def _through(model, function, x, y):
+    """What `function` gives now: outputs, or the loss on (x, y) (train
+    functions report the loss of the step, taken before the update; the
+    learning rate is 0 so the weights stay put)."""
+    if function == "predict":
+        return model.predict(x, verbose=0)
+    if function == "predict_on_batch":
+        return np.asarray(model.predict_on_batch(x))
+    if function == "evaluate":
+        return model.evaluate(x, y, verbose=0)
+    if function == "test_on_batch":
+        return model.test_on_batch(x, y)
+    if function == "train_on_batch":
+        return model.train_on_batch(x, y)
+    return model.fit(x, y, epochs=1, batch_size=len(x), verbose=0).history["loss"][0]
+
+
+def _eager(model, function, x, y):
+    import keras
+
+    out = keras.ops.convert_to_numpy(model(x, training=False))
+    return out if function.startswith("predict") else float(np.mean((out - y) ** 2))
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_every_compiled_function_follows_the_adapter_state(function, tmp_path):
+    """Each verb between two calls of the same compiled function: the second
+    call computes with the new state, never the one it was traced with (a
+    kept TensorFlow function would not), here and after a `.keras` reload."""
+    import keras
+
+    model = _dense_model()
+    model.optimizer.learning_rate.assign(0.0)
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    y = np.zeros((8, 4), "float32")
+
+    def check(model):
+        got = _through(model, function, x, y)
+        np.testing.assert_allclose(got, _eager(model, function, x, y),
+                                   rtol=1e-4, atol=1e-5)
+        return got
+
+    def states(model):
+        """Each state's result, through the same compiled function."""
+        out = {}
+        keras_lowrank.set_adapter(model, "one")
+        out["one"] = check(model)
+        keras_lowrank.set_adapter(model, "two")
+        out["two"] = check(model)
+        with keras_lowrank.disable_adapters(model):
+            out["base"] = check(model)
+        keras_lowrank.merge(model)
+        out["two merged"] = check(model)
+        keras_lowrank.unmerge(model)
+        keras_lowrank.set_adapter(model, "one")
+        out["one again"] = check(model)
+        return out
+
+    out = states(model)
+    for a, b in (("one", "two"), ("two", "base"), ("one", "base")):
+        assert not np.allclose(out[a], out[b], rtol=1e-3)  # the check can fail
+    np.testing.assert_allclose(out["two merged"], out["two"], rtol=1e-4, atol=1e-5)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras_lowrank.load_model(path)
+    loaded.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    again = states(loaded)
+    for key, value in out.items():
+        np.testing.assert_allclose(again[key], value, rtol=1e-4, atol=1e-5)

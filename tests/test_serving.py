@@ -178,7 +178,7 @@ def test_hot_swap_into_a_stacked_adapter_refills_its_slot(tmp_path, traces):
         assert compiles["n"] == 0
 
 
-def test_torch_compile_switching_does_not_recompile():
+def test_torch_compile_switching_does_not_recompile(tmp_path):
     if BACKEND != "torch":
         pytest.skip("torch.compile is the torch backend's compiler")
     import torch._dynamo
@@ -194,6 +194,11 @@ def test_torch_compile_switching_does_not_recompile():
     for name in ("b", "c"):
         kl.set_adapter(model, name)
         np.testing.assert_allclose(model.predict(X, verbose=0), want[name], atol=1e-5)
+    # A hot-swap from a file: adapter "a" (rank 2) into the slot "c" (rank 3).
+    path = os.path.join(str(tmp_path), "a.safetensors")
+    kl.save_adapter(model, path, name="a")
+    kl.load_adapter(model, path, name="c")
+    np.testing.assert_allclose(model.predict(X, verbose=0), want["a"], atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 
 
