@@ -51,6 +51,7 @@ SMOKE_FILES = (
     "test_loraplus.py",
     "test_remat.py",
     "test_verbs_table.py",
+    "test_serving.py",
 )
 # Tests of those files that build a KerasHub model without a `kind`
 # parameter, or start processes on the other backends.

@@ -625,3 +625,25 @@ def test_stacked_inference_on_many_rows_folds_as_unstacked_does(monkeypatch):
         got = np.asarray(model.predict_on_batch(many))
     assert folded["n"] == 0  # per row: no fold
     np.testing.assert_allclose(got[1], want["b"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_stacked_convolution_switches_like_the_unstacked_one():
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs, name="conv_model")
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("a", "b")):
+        kl.adapt(model, rank=2, name=name, targets=["conv"], seed=i)
+        var = model.get_layer("conv").adapter_variables(name)["B"]
+        var.assign(rng.normal(size=var.shape).astype("float32"))
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    want = {}
+    for name in ("a", "b"):
+        kl.set_adapter(model, name)
+        want[name] = np.asarray(model.predict_on_batch(x))
+    assert not np.allclose(want["a"], want["b"])
+    kl.stack_adapters(model)
+    for name in ("b", "a"):
+        kl.set_adapter(model, name)
+        np.testing.assert_allclose(model.predict_on_batch(x), want[name], atol=1e-5)
