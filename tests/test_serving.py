@@ -16,6 +16,7 @@ import keras_lowrank as kl
 from keras_lowrank.layers import adapter_stack
 
 import model_kinds
+from test_compiled_functions import _jax_compiles
 
 BACKEND = keras.backend.backend()
 
@@ -71,21 +72,6 @@ def traces(monkeypatch):
         return original(self, inputs, training)
 
     monkeypatch.setattr(adapter_stack.AdapterStack, "output", counted)
-    return count
-
-
-def _jax_compiles():
-    if BACKEND != "jax":
-        return None
-    from jax import monitoring
-
-    count = {"n": 0}
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count["n"] += 1
-
-    monitoring.register_event_duration_secs_listener(listener)
     return count
 
 
