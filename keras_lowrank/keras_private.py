@@ -22,6 +22,8 @@ is checked on the declared minimum (3.14) and on the newest tested release.
 | `Dense/EinsumDense/Conv._kernel`, `Embedding._embeddings` | `KERNEL_ATTRS`, `kernel_attr`, `kernel_of`, `set_kernel` | the kernel variable itself, not the property Keras wraps it in |
 | `Conv1D._compute_causal_padding` | `causal_padding` | the "causal" padding Conv1D uses |
 | `Layer._flatten_layers` | `direct_sublayers`, `all_sublayers` | a walk over sublayers (no public one) |
+| `Layer._tracker.untrack` | `delete_sublayer` | removing a sublayer added after build (MoE expert kernels) |
+| `Layer._path`, `Layer._parent_path` | `place_under` | a sublayer added after build gets the path (and variable paths) Keras would give it |
 | `Layer._track_variables` (torch) | `retrack_variables` | `model.parameters()` sees added/removed variables |
 | `Dense/EinsumDense/Embedding._int8_call`, `_int4_call` | `quantized_call` | Keras's own quantized matmul as the base path |
 | `_orig_input_dim`, `_orig_output_dim`, `_int4_unpacked_column_size`, `_int4_block_size`, `EinsumDense._adjust_scale_for_dequant` | `quantization_attr`, `einsum_dequant_scale` | dequantizing int8/int4 kernels exactly as Keras does |
@@ -205,6 +207,27 @@ def all_sublayers(layer):
     """Every sublayer of `layer`, depth first (Keras's `_flatten_layers`,
     as `direct_sublayers`)."""
     return list(layer._flatten_layers(include_self=False))
+
+
+def place_under(layer, parent):
+    """Gives `layer`, made after `parent` was built, the Keras path it would
+    have had if `parent` had made it in `build` (`<parent.path>/<name>`), so
+    its variables are `<parent.path>/<name>/<variable>` like every other
+    sublayer's, unique in the model. Private: `Layer._path` and
+    `Layer._parent_path` (which `name_scope` reads for the layer's scope),
+    since Keras 3.0."""
+    layer._parent_path = parent.path
+    layer._path = f"{parent.path}/{layer.name}"
+
+
+def delete_sublayer(layer, attr):
+    """`delattr(layer, attr)` for a sublayer attribute, also dropping it
+    from the layer's tracked sublayers (`Layer.__delattr__` untracks
+    variables only, so `_flatten_layers` would still list it). Call inside
+    `unlocked_state(layer)`. Private: `Layer._tracker.untrack`, since
+    Keras 3.0."""
+    layer._tracker.untrack(getattr(layer, attr))
+    delattr(layer, attr)
 
 
 def retrack_variables(layer):

@@ -21,6 +21,8 @@ class AdapterRow:
         params: every variable the adapter adds (factors, DoRA magnitude).
         rank, alpha, scaling, method: the adapter's options.
         active, merged: its state on this layer.
+        experts: for an MoE expert kernel `(E, d, k)`, `E` (its factors are
+            `E` separate `r·(d+k)`); 0 for other layers.
     """
 
     path: str
@@ -35,6 +37,7 @@ class AdapterRow:
     method: str
     active: bool
     merged: bool
+    experts: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,15 @@ class AdapterReport:
             )
             for row in self.rows
         ]
+        experts = any(row.experts for row in self.rows)
+        if experts:
+            # MoE models only: each expert's share of the factors, which is
+            # what one token routed to it trains.
+            header += ("per expert",)
+            body = [
+                cells + (f"{row.rdk // row.experts:,}" if row.experts else "",)
+                for cells, row in zip(body, self.rows)
+            ]
         widths = [
             max(len(str(cell)) for cell in column)
             for column in zip(header, *body)
@@ -101,6 +113,11 @@ class AdapterReport:
             f"({100 * self.trainable_params / total:.2f}% of {self.total_params:,})",
             f"frozen parameters:    {self.frozen_params:,}",
         ]
+        if experts:
+            lines.append(
+                "expert kernels: a step changes only the factors of the "
+                "experts that received tokens"
+            )
         if self.stacked_values:
             lines.append(
                 f"stacked for serving:  {self.stacked_values:,} values "
@@ -110,6 +127,12 @@ class AdapterReport:
 
     def _repr_pretty_(self, printer, cycle):
         printer.text(str(self))
+
+
+def _is_expert_kernel(layer):
+    from keras_lowrank.layers import LowRankExpertKernel
+
+    return isinstance(layer, LowRankExpertKernel)
 
 
 def report(model):
@@ -161,6 +184,7 @@ def report(model):
                     method=spec.method,
                     active=name in layer.active_adapters,
                     merged=name in layer.merged_adapters,
+                    experts=batch if _is_expert_kernel(layer) else 0,
                 )
             )
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)

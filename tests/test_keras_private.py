@@ -59,6 +59,34 @@ def test_untrack_variable_and_delattr_bypass():
     assert len(layer.weights) == 2, "Layer._untrack_variable left it tracked"
 
 
+def test_delete_sublayer_untracks_it():
+    outer = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    layer = outer.layers[0]
+    _has(layer._tracker, "untrack")
+    with keras_private.unlocked_state(layer):
+        layer.extra = keras.layers.Dense(1, name="extra")
+    assert any(l.name == "extra" for l in keras_private.direct_sublayers(layer))
+    with keras_private.unlocked_state(layer):
+        keras_private.delete_sublayer(layer, "extra")
+    assert not hasattr(layer, "extra")
+    assert not keras_private.direct_sublayers(layer), (
+        "Layer._tracker.untrack left the sublayer tracked"
+    )
+
+
+def test_place_under_gives_keras_paths_to_a_late_sublayer():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="host")])
+    host = model.layers[0]
+    late = keras.layers.Dense(2, name="late")
+    _has(late, "_parent_path")
+    keras_private.place_under(late, host)
+    assert late.path == f"{host.path}/late"
+    late.build((None, 3))
+    assert late.kernel.path == f"{host.path}/late/kernel", (
+        "name_scope no longer reads Layer._parent_path"
+    )
+
+
 def test_call_signature_attributes_and_refresh():
     layer = keras.layers.Embedding(10, 4)
     for name in keras_private.CALL_SIGNATURE_ATTRS:

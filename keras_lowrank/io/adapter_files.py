@@ -23,6 +23,7 @@ import numpy as np
 from keras_lowrank.errors import check_known_adapter
 from keras_lowrank.io import adapter_format
 from keras_lowrank.io import keras_file
+from keras_lowrank.integrations import moe
 from keras_lowrank.io import layer_match
 from keras_lowrank.io import safetensors_io
 from keras_lowrank.io.adapter_format import fingerprint  # noqa: F401 (public)
@@ -146,6 +147,12 @@ def load_adapter(model, path, name=None):
     config, tensors = _read(file)
     name = config["name"] if name is None else name
     check_adapter_name(name)
+    # MoE expert kernels are layers of their own while a verb runs.
+    with moe.prepared(model):
+        return _load(model, file, config, tensors, name)
+
+
+def _load(model, file, config, tensors, name):
     paths = layer_match.PathMap(model, config, file)
     plan, factors = layer_match.match_layers(model, config, tensors, file, paths)
     values = layer_match.match_owned(model, config, tensors, file, paths)

@@ -78,13 +78,18 @@ class PathMap:
     the module docstring). Raises, naming the file and every recorded path
     that matches no layer, when some do not."""
 
-    def __init__(self, model, config, file):
+    def __init__(self, model, config, file, check=True):
         self.file, self.model, self.config = file, model, config
         self.visits = {visit.path: visit for visit in walk(model)}
         self.children = _children(model)
         self.saved = config["siblings"]
         self.cache = {"": ""}
         self.renames = {}
+        if check:
+            self._check()
+
+    def _check(self):
+        config, model, file = self.config, self.model, self.file
         recorded = list(config["layers"]) + list(config["kept"]) + [
             key.rpartition("/")[0] for key in config["owned"]
         ]

@@ -18,6 +18,8 @@ import json
 
 import numpy as np
 
+from keras_lowrank.integrations import moe
+from keras_lowrank.io import layer_match
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.state import owned
@@ -94,6 +96,9 @@ def manifest(model):
         "kept": list(state.kept),
         "frozen_before": list(state.frozen_before),
         "layers": layers,
+        # Names Keras made up (an MoE block's) may differ in the process that
+        # loads the file: `restore` matches them as adapter files do.
+        "siblings": layer_match.siblings(model, list(layers)),
         "holders": dict(state.holders),
         "stash": [
             [owner, key, list(value.shape), str(value.dtype)]
@@ -121,8 +126,22 @@ def restore(model, manifest_):
         ManifestError: a malformed, edited or inconsistent manifest.
     """
     check(manifest_)
+    # Expert kernels (MoE) are sublayers only of prepared expert layers;
+    # those that get no adapter are tidied at the end.
+    moe.prepare(model)
+    _restore_layers(model, manifest_)
+    moe.tidy(model)
+    _restore_state(model, manifest_)
+
+
+def _restore_layers(model, manifest_):
+    paths = None
+    if "siblings" in manifest_:  # written since keras_lowrank 0.2
+        config = {"layers": manifest_["layers"], "siblings": manifest_["siblings"]}
+        paths = layer_match.PathMap(model, config, None, check=False)
     for path, entry in manifest_["layers"].items():
-        layer = find_layer(model, path)
+        here = path if paths is None else paths.find(path)
+        layer = None if here is None else find_layer(model, here)
         if layer is None:
             raise ManifestError(
                 f"keras_lowrank: the saved model has adapters on layer "
@@ -153,6 +172,9 @@ def restore(model, manifest_):
                 continue
             layer.add_adapter(name, spec, restore=True)
         layer.restore_state(entry["active"], entry["merged"])
+
+
+def _restore_state(model, manifest_):
     state = ModelState()
     state.options = {
         name: dict(options) for name, options in manifest_["options"].items()

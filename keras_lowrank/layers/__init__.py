@@ -10,6 +10,8 @@ from keras_lowrank.layers.conv import LowRankConv3D
 from keras_lowrank.layers.dense import LowRankDense
 from keras_lowrank.layers.einsum_dense import LowRankEinsumDense
 from keras_lowrank.layers.embedding import LowRankEmbedding
+from keras_lowrank.layers.experts import ExpertKernel
+from keras_lowrank.layers.experts import LowRankExpertKernel
 from keras_lowrank.layers.layout import KernelLayout
 
 # Exact Keras class -> adapter class. Exact, not isinstance: a subclass of
@@ -22,6 +24,8 @@ ADAPTER_CLASSES = {
     keras.layers.Conv1D: LowRankConv1D,
     keras.layers.Conv2D: LowRankConv2D,
     keras.layers.Conv3D: LowRankConv3D,
+    # An MoE expert kernel (see `experts` and `integrations.moe`).
+    ExpertKernel: LowRankExpertKernel,
 }
 
 
@@ -35,6 +39,7 @@ def adapter_class_for(layer):
 __all__ = [
     "ADAPTER_CLASSES",
     "AdapterSet",
+    "ExpertKernel",
     "KernelLayout",
     "LowRankConv1D",
     "LowRankConv2D",
@@ -42,6 +47,7 @@ __all__ = [
     "LowRankDense",
     "LowRankEinsumDense",
     "LowRankEmbedding",
+    "LowRankExpertKernel",
     "LowRankLayer",
     "adapter_class_for",
 ]

@@ -31,6 +31,7 @@ calls it when a verb's `with transaction(...)` block ends without error,
 inside the transaction, so a failing refresh is rolled back too.
 """
 
+from keras_lowrank.integrations import moe
 from keras_lowrank.state import compiled
 from keras_lowrank.state import owned
 from keras_lowrank.state import stacks
@@ -113,6 +114,8 @@ def refresh(model, before=None, frozen_before=()):
     >>> model.layers[0].active_adapters
     ['default']
     """
+    # Expert layers left with no adapter go back to their KerasHub class.
+    moe.tidy(model)
     state = state_of(model, required=False)
     if state is None:
         freezing.set_plain_flags(model, frozen_before)

@@ -12,6 +12,7 @@ import numbers
 
 import keras
 
+from keras_lowrank.integrations import moe
 from keras_lowrank.lifecycle import check_activatable
 from keras_lowrank.state import owned
 from keras_lowrank.surgery import targets as targeting
@@ -70,7 +71,9 @@ def adapt(
         targets: which layers to adapt: names, `layer.path` suffixes, glob
             patterns, a regular expression (a lone string or `re.Pattern`),
             layer classes, or the presets `"attention"`, `"mlp"`,
-            `"all-linear"`. `None`: for KerasHub models the architecture's
+            `"all-linear"`, `"experts"` (the expert kernels of KerasHub
+            mixture-of-experts layers; `"mlp"` and `"all-linear"` include
+            them and leave the routers out). `None`: for KerasHub models the architecture's
             attention query and value projections; otherwise every Dense and
             EinsumDense except the output layers (those that feed a model
             output with no other Dense/EinsumDense in between).
@@ -136,21 +139,23 @@ def adapt(
     trainable = targeting.normalize("trainable", trainable, lone_regex=False)
     rank_pattern = targeting.check_pattern("rank_pattern", rank_pattern)
     alpha_pattern = targeting.check_pattern("alpha_pattern", alpha_pattern)
-    chosen = targeting.select_layers(model, targets, exclude)
-    ranks = targeting.pattern_layers(model, chosen, "rank_pattern", rank_pattern)
-    alphas = targeting.pattern_layers(model, chosen, "alpha_pattern", alpha_pattern)
-    plan = [
-        (visit, _spec_for(visit, base_spec, ranks, alphas, alpha is not None))
-        for visit in chosen
-    ]
-    check_plan(model, plan, name)
-    kept = _kept_paths(model, trainable, plan)
-    record = options_record(
-        rank, alpha, targets, exclude, dropout, scaling, method, init,
-        bias, trainable, rank_pattern, alpha_pattern,
-        [visit.path for visit, _ in plan], kept,
-    )
-    install(model, name, plan, record, seed=seed)
+    # MoE expert kernels are layers of their own while a verb runs.
+    with moe.prepared(model):
+        chosen = targeting.select_layers(model, targets, exclude)
+        ranks = targeting.pattern_layers(model, chosen, "rank_pattern", rank_pattern)
+        alphas = targeting.pattern_layers(model, chosen, "alpha_pattern", alpha_pattern)
+        plan = [
+            (visit, _spec_for(visit, base_spec, ranks, alphas, alpha is not None))
+            for visit in chosen
+        ]
+        check_plan(model, plan, name)
+        kept = _kept_paths(model, trainable, plan)
+        record = options_record(
+            rank, alpha, targets, exclude, dropout, scaling, method, init,
+            bias, trainable, rank_pattern, alpha_pattern,
+            [visit.path for visit, _ in plan], kept,
+        )
+        install(model, name, plan, record, seed=seed)
     return model
 
 

@@ -11,8 +11,13 @@ A target may be:
   or the whole name;
 - a layer class (`keras.layers.Dense`): every layer of that class;
 - a preset: `"attention"` (query/key/value/output projections: the linear
-  layers inside attention layers), `"mlp"` (the other linear layers) or
-  `"all-linear"` (every Dense/EinsumDense except the output layers).
+  layers inside attention layers), `"mlp"` (the other linear layers and the
+  MoE expert kernels), `"all-linear"` (every Dense/EinsumDense except the
+  output layers, and the expert kernels) or `"experts"` (the expert kernels
+  of every KerasHub mixture-of-experts layer, see
+  `keras_lowrank.integrations.moe`). `"mlp"` and `"all-linear"` leave out
+  the MoE routers, whose training would change which experts every token
+  sees; name a router to adapt it.
 
 A string is read literally first: if a layer's name, path or path suffix is
 exactly the string, it selects those layers and nothing else, so a layer
@@ -35,17 +40,19 @@ import re
 import keras
 
 from keras_lowrank.integrations import keras_hub as hub_integration
+from keras_lowrank.integrations import moe
+from keras_lowrank.layers import ExpertKernel
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.surgery.outputs import LINEAR_CLASSES
 from keras_lowrank.surgery.outputs import output_layers
 from keras_lowrank.surgery.walk import walk
 
-PRESETS = ("attention", "mlp", "all-linear")
+PRESETS = ("attention", "mlp", "all-linear", "experts")
 _GLOB_CHARS = set("*?[")
 _FORMS = (
     "a layer name or path suffix, a glob pattern, a regular expression "
     "(re.compile(...)), a layer class, or a preset ('attention', 'mlp', "
-    "'all-linear')"
+    "'all-linear', 'experts')"
 )
 
 
@@ -160,9 +167,11 @@ def select_layers(model, targets, exclude=None):
         raise ValueError(
             f"keras_lowrank: targets={_show(targets)} matched no adaptable "
             f"layer in model '{model.name}'. Adaptable layers are "
-            "Dense, EinsumDense, Embedding and Conv1D/2D/3D; candidate paths "
+            "Dense, EinsumDense, Embedding, Conv1D/2D/3D and MoE expert "
+            "kernels; candidate paths "
             f"include: {_examples(visits)}. Pass names, path suffixes, "
-            "patterns or a preset ('attention', 'mlp', 'all-linear')."
+            "patterns or a preset ('attention', 'mlp', 'all-linear', "
+            "'experts')."
         )
     if exclude is not None:
         dropped = {
@@ -273,6 +282,8 @@ def _match(model, visits, head, targets, argument, strict):
     seen = set()
     for target in _as_list(targets):
         hits, exact = _match_one(visits, head, target)
+        if not hits and target == "experts":
+            raise moe.no_expert_layers(model, argument)
         if not hits:
             _unmatched(model, visits, argument, target)
         for visit in hits:
@@ -283,7 +294,8 @@ def _match(model, visits, head, targets, argument, strict):
                         f"({type(visit.layer).__name__}) matched target "
                         f"{_show(target)} but cannot hold an adapter. "
                         "Adaptable layers are exactly Dense, EinsumDense, "
-                        "Embedding and Conv1D/2D/3D; target the layers inside "
+                        "Embedding, Conv1D/2D/3D and MoE expert kernels; "
+                        "target the layers inside "
                         "it, or remove it from `targets`."
                     )
                 continue
@@ -353,19 +365,26 @@ def _regex_hits(visits, pattern):
 
 
 def _preset(visits, head, name):
+    experts = [v for v in visits if isinstance(v.layer, ExpertKernel)]
+    if name == "experts":
+        return experts
     linear = [
         v
         for v in visits
         if isinstance(v.layer, LINEAR_CLASSES)
         and _adaptable(v.layer)
         and id(v.layer) not in head.ids()
+        and not moe.is_router(v.layer)
     ]
+    order = {id(v.layer): i for i, v in enumerate(visits)}
     if name == "all-linear":
-        return linear
-    attention = [v for v in linear if _in_attention(v)]
-    if name == "attention":
-        return attention
-    return [v for v in linear if v not in attention]
+        chosen = linear + experts
+    else:
+        attention = [v for v in linear if _in_attention(v)]
+        if name == "attention":
+            return attention
+        chosen = [v for v in linear if v not in attention] + experts
+    return sorted(chosen, key=lambda v: order[id(v.layer)])
 
 
 def _in_attention(visit):
