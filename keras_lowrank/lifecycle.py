@@ -132,7 +132,7 @@ def set_adapter(model, names):
     conflict = owned.conflicts(state, names)
     if conflict:
         raise ValueError(owned.conflict_message(*conflict))
-    with transaction(model, "set_adapter", while_stacked=True):
+    with transaction(model, "set_adapter", while_stacked=True, switch_only=True):
         state.active = names
     return model
 

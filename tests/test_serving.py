@@ -419,6 +419,53 @@ def test_a_stacking_that_fails_half_way_leaves_no_stack(monkeypatch):
     _unchanged(model, want, weights)
 
 
+def test_a_stacked_switch_that_fails_half_way_leaves_the_routing(monkeypatch):
+    model = _model()
+    want = _alone(model)
+    kl.stack_adapters(model)
+    kl.set_adapter(model, "a")
+    original, routed = adapter_stack.AdapterStack.route, []
+
+    def failing(self, slot, rows=None):
+        if routed:
+            raise MemoryError("out of memory")
+        routed.append(slot)
+        original(self, slot, rows)
+
+    monkeypatch.setattr(adapter_stack.AdapterStack, "route", failing)
+    with pytest.raises(MemoryError):
+        kl.set_adapter(model, "c")
+    monkeypatch.undo()
+    assert routed  # the first layer was switched before the fault
+    assert model._keras_lowrank.active == ["a"]
+    np.testing.assert_allclose(model.predict_on_batch(X), want["a"], atol=1e-5)
+    kl.set_adapter(model, "c")
+    np.testing.assert_allclose(model.predict_on_batch(X), want["c"], atol=1e-5)
+
+
+def test_switching_copies_no_adapter_values_for_its_snapshot(monkeypatch):
+    # set_adapter neither adds, deletes nor writes adapters: its snapshot
+    # keeps which adapters are active and the stacks' slots, not the
+    # adapters' (or the stacks') values, which made a switch twice as slow.
+    from keras_lowrank.state import transaction
+
+    model = _model()
+    kl.stack_adapters(model)
+    copied = []
+    original = transaction._to_numpy
+
+    def counted(variable):
+        copied.append(variable.path)
+        return original(variable)
+
+    monkeypatch.setattr(transaction, "_to_numpy", counted)
+    kl.set_adapter(model, "b")
+    assert copied and all(p.endswith("lowrank_stack_slot") for p in copied)
+    copied.clear()
+    kl.unstack_adapters(model)  # other verbs copy everything they may change
+    assert any("lowrank_A_" in p for p in copied)
+
+
 @pytest.mark.parametrize("names, error, message", [
     ("a", TypeError, r"per_example_adapters\(\) takes `names` as a list with one "
      r"adapter name \(or None, the base model\) per row of the batch, got str"),

@@ -95,6 +95,11 @@ class AdapterStack:
         attrs = (A_ATTR, B_ATTR, SLOT_ATTR, ROWS_ATTR)
         return [getattr(self.layer, a) for a in attrs if hasattr(self.layer, a)]
 
+    def routing_variables(self):
+        """The variables that say which slot applies (all a switch writes)."""
+        attrs = (SLOT_ATTR, ROWS_ATTR)
+        return [getattr(self.layer, a) for a in attrs if hasattr(self.layer, a)]
+
     def signature(self):
         """What a traced call depends on: slots, rank, the row mode."""
         return (

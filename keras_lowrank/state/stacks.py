@@ -87,6 +87,16 @@ def stack_variables(model):
     return out
 
 
+def routing_variables(model):
+    """The slot variables of `model`'s stacks: what switching writes."""
+    out = []
+    for visit in adapted_visits(model):
+        stack = visit.layer._lowrank.stack
+        if stack is not None:
+            out.extend(stack.routing_variables())
+    return out
+
+
 def signature(visits):
     """Per layer, what a traced call of a stacked model depends on."""
     return tuple(

@@ -84,7 +84,7 @@ _OPEN = {}
 @contextlib.contextmanager
 def transaction(
     model, verb, layers=None, kernels=(), variables=(), while_disabled=False,
-    read_only=False, while_stacked=False,
+    read_only=False, while_stacked=False, switch_only=False,
 ):
     """Runs the block as one all-or-nothing change of `model`.
 
@@ -101,6 +101,10 @@ def transaction(
         while_stacked: allow the verb while the adapters are stacked for
             serving (it switches adapters or replaces their values; verbs
             that add, delete, merge or unmerge adapters are refused then).
+        switch_only: the verb only changes which adapters are active
+            (`set_adapter`): it neither adds, deletes nor writes adapters,
+            so the snapshot skips their values and the stacks' slots (a
+            switch among stacked adapters then copies almost nothing).
         read_only: the verb only reads the model (`save_adapter`,
             `export_peft_adapter`; at most it adopts a cloned model's
             state): allowed inside `disable_adapters`, and no refresh after
@@ -135,7 +139,7 @@ def transaction(
         check_not_disabled(model, verb)
     if not (while_stacked or read_only):
         check_not_stacked(model, verb)
-    snapshot = Snapshot(model, layers or (), kernels, variables)
+    snapshot = Snapshot(model, layers or (), kernels, variables, switch_only)
     _OPEN[id(model)] = snapshot
     try:
         yield snapshot
@@ -190,8 +194,10 @@ class Snapshot:
     See the module docstring for what is kept. Built by `transaction`.
     """
 
-    def __init__(self, model, layers=(), kernels=(), variables=()):
+    def __init__(self, model, layers=(), kernels=(), variables=(),
+                 switch_only=False):
         self.model = model
+        self.switch_only = switch_only
         self.model_class = type(model)
         self.state = state_of(model, required=False)
         self.state_dict = (
@@ -209,16 +215,22 @@ class Snapshot:
         self.quantized = {}
         owned_keys = [] if self.state is None else owned.all_keys(self.state)
         owned_vars = owned.resolve(model, owned_keys).values() if owned_keys else ()
+        stacked = (
+            stacks.routing_variables(model) if switch_only
+            else stacks.stack_variables(model)
+        )
         self.extend(list(adapted_layers(model)) + list(layers), kernels,
-                    list(variables) + list(owned_vars)
-                    + stacks.stack_variables(model))
+                    list(variables) + list(owned_vars) + stacked)
 
     def extend(self, layers=(), kernels=(), variables=()):
         """Adds more to the snapshot (a joined transaction's share). What is
         already in it keeps its first value."""
         for layer in layers:
             if id(layer) not in self.layers:
-                self.layers[id(layer)] = (layer, type(layer), _adapters_of(layer))
+                self.layers[id(layer)] = (
+                    layer, type(layer),
+                    _adapters_of(layer, values=not self.switch_only),
+                )
         for layer in kernels:
             self._keep(adapter_class_for(layer).kernel_variable(layer))
             # merge(quantized="dequantize") swaps an integer kernel for a
@@ -293,16 +305,18 @@ class Snapshot:
                     weight.trainable = by_path[weight.path]
 
 
-def _adapters_of(layer):
+def _adapters_of(layer, values=True):
     """`(adapters, active, merged)` of an adapter layer, `adapters` being
-    `[(name, spec, {key: array})]` in order; `None` for a plain layer."""
+    `[(name, spec, {key: array})]` in order (`{}` without `values`); `None`
+    for a plain layer."""
     if not isinstance(layer, LowRankLayer):
         return None
     adapters = [
         (
             name,
             layer.adapter_spec(name),
-            {k: _to_numpy(v) for k, v in layer.adapter_variables(name).items()},
+            {k: _to_numpy(v) for k, v in layer.adapter_variables(name).items()}
+            if values else {},
         )
         for name in layer.adapter_names
     ]
