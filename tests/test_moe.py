@@ -63,11 +63,23 @@ def _gpt_oss():
     ), preprocessor=None)
 
 
+def _gemma4():
+    backbone = keras_hub.models.Gemma4Backbone(
+        vocabulary_size=32, image_size=None, num_layers=2, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=H, intermediate_dim=16, head_dim=4,
+        global_head_dim=4, layer_types=["full_attention"] * 2,
+        enable_moe_block=True, num_experts=E, expert_intermediate_dim=I,
+        num_experts_per_token=2,
+    )
+    return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)
+
+
 ARCHITECTURES = {
     "mixtral": (_mixtral, 3),  # builder, expert kernels per MoE layer
     "qwen3_moe": (_qwen3_moe, 2),
     "qwen3_5_moe": (_qwen3_5_moe, 2),
     "gpt_oss": (_gpt_oss, 2),
+    "gemma4": (_gemma4, 3),
 }
 
 
@@ -88,11 +100,18 @@ def inputs(batch=2, seq=5):
     return {
         "token_ids": rng.integers(1, 32, (batch, seq)).astype("int32"),
         "padding_mask": np.ones((batch, seq), "int32"),
+        # Gemma 4 also takes positions; the others ignore the key.
+        "position_ids": np.tile(np.arange(seq, dtype="int32"), (batch, 1)),
     }
 
 
+def for_model(model, x):
+    names = {i.name for i in model.backbone.inputs}
+    return {k: v for k, v in x.items() if k in names}
+
+
 def logits(model, x=None):
-    return np.asarray(ops.convert_to_numpy(model(x or inputs())))
+    return np.asarray(ops.convert_to_numpy(model(for_model(model, x or inputs()))))
 
 
 def kernels(model):
@@ -160,6 +179,7 @@ def test_prepared_expert_layers_compute_exactly_what_keras_hub_does(arch):
 
 
 def test_every_expert_class_in_the_table_exists_with_its_kernels():
+    import keras_hub.src.models.gemma4.gemma4_moe as gemma4
     import keras_hub.src.models.gpt_oss.gpt_oss_decoder as gpt_oss
     import keras_hub.src.models.mixtral.mixtral_decoder as mixtral
     import keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_decoder as qwen3_5
@@ -169,6 +189,7 @@ def test_every_expert_class_in_the_table_exists_with_its_kernels():
     classes = {
         "MixtralMoeExperts": mixtral.MixtralMoeExperts,
         "QwenMoeExperts": qwen.QwenMoeExperts,
+        "Gemma4MoEBlock": gemma4.Gemma4MoEBlock,
         "Qwen3MoeExperts": qwen3.Qwen3MoeExperts,
         "Qwen3_5MoeExperts": qwen3_5.Qwen3_5MoeExperts,
         "GptOssExperts": gpt_oss.GptOssExperts,
@@ -218,7 +239,7 @@ def test_only_expert_factors_train_and_routers_stay_frozen(arch):
         optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    x = inputs()
+    x = for_model(model, inputs())
     model.fit(x, x["token_ids"], epochs=1, batch_size=2, verbose=0)
     changed = {
         w.path for w in model.weights
@@ -226,7 +247,7 @@ def test_only_expert_factors_train_and_routers_stay_frozen(arch):
     }
     factors = {w.path for l in kernels(model) for w in l.weights}
     assert changed and changed <= factors
-    assert all("lowrank_" in p and "/experts/" in p for p in changed)
+    assert all(p.rsplit("/", 1)[-1].startswith("lowrank_") for p in changed)
 
 
 def test_all_linear_and_mlp_presets_take_experts_but_not_routers():
@@ -249,6 +270,15 @@ def test_all_linear_and_mlp_presets_take_experts_but_not_routers():
     keras_lowrank.adapt(named, targets=["sparse_feedforward_gate_dense"], rank=2)
     assert {l.name for l in named._flatten_layers()
             if getattr(l, "adapter_names", None)} == {"sparse_feedforward_gate_dense"}
+
+
+def test_gemma4_router_dense_is_left_out_of_all_linear():
+    model = build("gemma4")
+    keras_lowrank.adapt(model, targets="all-linear", rank=2)
+    adapted = [l.path for l in model._flatten_layers()
+               if getattr(l, "adapter_names", None)]
+    assert any(p.endswith("moe_expert_bank/down_proj") for p in adapted)
+    assert not any("moe_router" in p for p in adapted)
 
 
 def test_kernel_names_select_one_kind_and_rank_pattern_applies():
@@ -285,8 +315,8 @@ def test_experts_target_on_a_model_without_known_expert_layers_is_refused():
         ValueError,
         match=r"targets='experts' matched no KerasHub mixture-of-experts "
         r"expert layer in model '.*'\. Expert LoRA knows exactly "
-        r"GptOssExperts, MixtralMoeExperts, .* For other layers, name the "
-        r"layer instead",
+        r"Gemma4MoEBlock, GptOssExperts, MixtralMoeExperts, .* For other "
+        r"layers, name the layer instead",
     ):
         keras_lowrank.adapt(model, targets="experts")
 
@@ -383,10 +413,11 @@ import numpy as np
 import keras, keras_lowrank
 from keras import ops
 data = np.load(sys.argv[1] + "/data.npz")
-x = {"token_ids": data["token_ids"], "padding_mask": data["padding_mask"]}
 out = {}
 for arch in sys.argv[2:]:
     model = keras_lowrank.load_model(sys.argv[1] + f"/{arch}.keras")
+    names = {i.name for i in model.backbone.inputs}
+    x = {k: data[k] for k in ("token_ids", "padding_mask", "position_ids") if k in names}
     got = np.asarray(ops.convert_to_numpy(model(x)))
     trainable = sorted({w.path.rsplit("/", 1)[-1] for w in model.trainable_weights})
     out[arch] = [float(np.abs(got - data[arch]).max()), trainable]

@@ -1,7 +1,8 @@
 """KerasHub mixture-of-experts expert layers: their kernels, and the one
 forward pass per architecture that lets each kernel carry adapters.
 
-An expert layer such as `MixtralMoeExperts` keeps its 3-D kernels as raw
+An expert layer such as `MixtralMoeExperts` (also Qwen-MoE, Qwen3-MoE,
+Qwen3.5-MoE, GPT-OSS and Gemma 4's expert bank) keeps its 3-D kernels as raw
 variables and computes them inside one `call`, with nonlinearities between
 them, so no adapter can be added from outside. `prepare(model)` turns every
 known expert layer into its "host" class (same object, a class swap, as for
@@ -93,6 +94,26 @@ def _gpt_oss_call(host, hidden_states):
     return out + host.down_proj_bias[:, None, :]
 
 
+def _gemma4_call(host, x, dispatch_weights):
+    # Gemma 4's expert bank also scales each expert's output and combines
+    # the experts with the router's weights. The adapter adapts `down_proj`
+    # itself, so it sits inside the scale: `scale_e·h·(W_e + ΔW_e)`, what
+    # merging gives.
+    dtype = x.dtype
+    gate = _project(host, "gate_proj", x)
+    up_out = _project(host, "up_proj", x)
+    gate = ops.cast(
+        keras.activations.gelu(ops.cast(gate, "float32"), approximate=True),
+        dtype,
+    )
+    hidden = gate * up_out
+    out = _project(host, "down_proj", hidden)
+    scale = ops.cast(host.per_expert_scale, dtype)
+    out = out * ops.reshape(scale, (host.num_experts, 1, 1))
+    dw = ops.transpose(ops.cast(dispatch_weights, dtype), (1, 0))
+    return ops.sum(out * dw[:, :, None], axis=0)
+
+
 _MIXTRAL = (
     Kernel("_expert_feedforward_gate_dense", True),
     Kernel("_expert_feedforward_intermediate_dense", True),
@@ -115,12 +136,22 @@ EXPERT_LAYERS = {
         (Kernel("gate_up_proj", True), Kernel("down_proj", False)),
         _gpt_oss_call,
     ),
+    "Gemma4MoEBlock": (
+        (
+            Kernel("gate_proj", True),
+            Kernel("up_proj", True),
+            Kernel("down_proj", False),
+        ),
+        _gemma4_call,
+    ),
 }
 
 # Names of the layers that route tokens to experts, and of the shared
 # expert's gate (hidden -> 1): never selected by the `"mlp"`/`"all-linear"`
 # presets (a router trained by a preset would change which experts every
-# token sees); a target that names one still adapts it.
+# token sees); a target that names one still adapts it. The linear layers
+# inside a router layer (`GptOssTopKRouter`, Gemma 4's `Gemma4Router`, whose
+# Dense is just "proj") are routers too.
 ROUTER_NAMES = (
     "sparse_feedforward_gate_dense",  # Mixtral, Qwen-MoE, Qwen3(.5)-MoE
     "router_dense",  # GPT-OSS
@@ -261,9 +292,12 @@ def prepared(model):
         tidy(model)
 
 
-def is_router(layer):
-    """Whether `layer` routes tokens to experts (or gates a shared expert)."""
-    return isinstance(layer, keras.layers.Layer) and layer.name in ROUTER_NAMES
+def is_router(visit):
+    """Whether the layer of `visit` (a `walk.Visit`) routes tokens to
+    experts, or gates a shared expert."""
+    return visit.layer.name in ROUTER_NAMES or any(
+        type(parent).__name__.endswith("Router") for parent in visit.parents
+    )
 
 
 def no_expert_layers(model, argument):

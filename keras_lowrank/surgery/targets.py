@@ -374,7 +374,7 @@ def _preset(visits, head, name):
         if isinstance(v.layer, LINEAR_CLASSES)
         and _adaptable(v.layer)
         and id(v.layer) not in head.ids()
-        and not moe.is_router(v.layer)
+        and not moe.is_router(v)
     ]
     order = {id(v.layer): i for i, v in enumerate(visits)}
     if name == "all-linear":
