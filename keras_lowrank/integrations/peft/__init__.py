@@ -2,8 +2,9 @@
 
 `names` holds the name tables per architecture, `format` the folder format
 and PEFT's `LoraConfig` rules, `mapping` the model ↔ module-name lookups and
-tensor layouts, `plan` the checks a load makes before anything changes, and
-`load` / `export` the two verbs.
+tensor layouts, `experts` the same for MoE expert parameters
+(`target_parameters`), `plan` the checks a load makes before anything
+changes, and `load` / `export` the two verbs.
 """
 
 from keras_lowrank.integrations.peft.export import export_peft_adapter

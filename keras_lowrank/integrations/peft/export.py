@@ -15,6 +15,8 @@ import numpy as np
 
 from keras_lowrank.errors import check_known_adapter
 from keras_lowrank.integrations.peft import format as peft_format
+from keras_lowrank.integrations.peft.experts import export_experts
+from keras_lowrank.integrations.peft.experts import is_expert_visit
 from keras_lowrank.integrations.peft.format import KEY_PREFIX
 from keras_lowrank.integrations.peft.format import fail
 from keras_lowrank.integrations.peft.mapping import Target
@@ -48,7 +50,10 @@ def export_peft_adapter(
     `LlamaModel`), a task to its task model (`BertForSequenceClassification`,
     `LlamaForCausalLM`: prefixes `bert.`, `model.`); `module_prefix`
     overrides it. A task head that trains (BertTextClassifier's `logits`) is
-    written as `modules_to_save`.
+    written as `modules_to_save`. MoE expert adapters (Mixtral, Qwen2-MoE,
+    Qwen3-MoE) are written as PEFT `target_parameters` adapters of the
+    experts' `gate_up_proj`/`down_proj` (plain LoRA without dropout only,
+    as PEFT's `ParamWrapper` requires; see docs/peft.md).
 
     The folder is replaced as a whole: everything is written into a new
     sibling folder, which then takes the place of the old one, so a failed
@@ -95,8 +100,14 @@ def _gather(model, name, module_prefix, base_model_name_or_path, verb):
     state = state_of(model)
     name = _pick_adapter(model, state, name, verb)
     prefix = _export_prefix(target, module_prefix, verb)
-    entries = _mapped_layers(model, target, name, prefix, verb)
-    spec = _one_config(entries, name, verb)
+    entries, expert_visits = _mapped_layers(model, target, name, prefix, verb)
+    spec = _one_config(
+        entries + [(visit, None) for visit in expert_visits], name, verb
+    )
+    expert_tensors, expert_ranks, expert_alphas, parameters = (
+        export_experts(target, expert_visits, name, prefix, verb)
+        if expert_visits else ({}, {}, {}, [])
+    )
 
     tensors = {}
     ranks, alphas = {}, {}
@@ -114,6 +125,7 @@ def _gather(model, name, module_prefix, base_model_name_or_path, verb):
         layer_spec = layer.adapter_spec(name)
         ranks[module], alphas[module] = layer_spec.rank, layer_spec.alpha
     lora_modules = set(ranks)
+    tensors.update(expert_tensors)
 
     to_save = _export_kept(target, state, prefix, lora_modules, tensors, verb)
     if bias_policy == "all":
@@ -121,20 +133,27 @@ def _gather(model, name, module_prefix, base_model_name_or_path, verb):
 
     config = _export_config(
         target, ranks, alphas, spec, bias_policy, to_save,
-        base_model_name_or_path, prefix,
+        base_model_name_or_path, prefix, (expert_ranks, expert_alphas),
     )
+    if parameters:
+        config["target_parameters"] = parameters
     return config, tensors
 
 
 def _mapped_layers(model, target, name, prefix, verb):
     """`(visit, transformers module name)` for each layer holding adapter
-    `name`; every one must be an `nn.Linear` of the table."""
+    `name`, every one an `nn.Linear` of the table, and the expert kernels
+    holding it (`experts.export_experts` names those)."""
     from keras_lowrank.state.model_state import adapted_visits
 
     entries = []
+    experts = []
     unmapped = []
     for visit in adapted_visits(model):
         if name not in visit.layer.adapter_names:
+            continue
+        if is_expert_visit(visit):
+            experts.append(visit)
             continue
         hit = target.hf_name(visit.path, prefix)
         if hit is None or hit[0] != "linear":
@@ -149,7 +168,7 @@ def _mapped_layers(model, target, name, prefix, verb):
             "targets only attention and MLP projections (delete and re-adapt "
             "without those layers)."
         )
-    return entries
+    return entries, experts
 
 
 def _one_config(entries, name, verb):
@@ -294,11 +313,15 @@ def _export_all_biases(target, prefix, lora_modules, to_save, tensors, verb):
 
 def _export_config(
     target, ranks, alphas, spec, bias_policy, to_save,
-    base_model_name_or_path, prefix,
+    base_model_name_or_path, prefix, experts,
 ):
+    modules = list(ranks)
+    # Expert parameters (`...mlp.experts.gate_up_proj`) share r, lora_alpha
+    # and the patterns with the modules.
+    ranks = {**ranks, **experts[0]}
+    alphas = {**alphas, **experts[1]}
     r = most_common(ranks.values())
     alpha = most_common(alphas.values())
-    modules = list(ranks)
     return {
         "peft_type": "LORA",
         "task_type": target.task.task_type if target.task else None,
@@ -311,8 +334,8 @@ def _export_config(
         "use_rslora": spec.scaling == "rslora",
         "use_dora": spec.method == "dora",
         "target_modules": _target_modules(target, prefix, modules),
-        "rank_pattern": _patterns(ranks, r, modules, int),
-        "alpha_pattern": _patterns(alphas, alpha, modules, _number),
+        "rank_pattern": _patterns(ranks, r, list(ranks), int),
+        "alpha_pattern": _patterns(alphas, alpha, list(ranks), _number),
         "bias": bias_policy,
         "modules_to_save": to_save or None,
         "fan_in_fan_out": False,

@@ -11,6 +11,7 @@ import os
 import keras
 
 from keras_lowrank.integrations import keras_hub as hub_integration
+from keras_lowrank.integrations import moe
 from keras_lowrank.integrations.peft import format as peft_format
 from keras_lowrank.integrations.peft.format import fail
 from keras_lowrank.integrations.peft.mapping import Target
@@ -30,7 +31,9 @@ def load_peft_adapter(model, path, name=None):
     The folder is what `peft`'s `save_pretrained` writes: `adapter_config.json`
     and `adapter_model.safetensors`. Every tensor is mapped to a KerasHub
     layer through the architecture's name table (BERT, Llama, Mistral, Qwen2,
-    Qwen3, Gemma); `r`, `lora_alpha`, `use_rslora`, `use_dora`,
+    Qwen3, Gemma, and the MoE decoders Mixtral, Qwen2-MoE and Qwen3-MoE,
+    whose expert parameters PEFT adapts with `target_parameters`); `r`,
+    `lora_alpha`, `use_rslora`, `use_dora`, `target_parameters`,
     `rank_pattern`, `alpha_pattern`, `lora_dropout`, `bias` and
     `modules_to_save` (mapped task heads) are honoured. Everything is checked
     before the model changes: a folder that cannot be applied exactly is
@@ -67,18 +70,22 @@ def load_peft_adapter(model, path, name=None):
     config = peft_format.read_config(os.fspath(path), verb)
     peft_format.check_config(config, verb)
     tensors = peft_format.read_weights(os.fspath(path), verb)
-    plan = plan_load(target, config, tensors, verb)
-    existing = [
-        p.path for p in plan.loras
-        if isinstance(p.layer, LowRankLayer) and name in p.layer.adapter_names
-    ]
-    if existing:
-        fail(
-            f"{verb}: layer '{existing[0]}' already has an adapter named "
-            f"{name!r}. Pass another name (name='task_b') or "
-            "keras_lowrank.delete_adapter(model, name) first."
-        )
-    _apply(model, target, config, plan, name)
+    # MoE expert kernels are layers of their own while the load runs; the
+    # ones left without an adapter are tidied away, also after a refusal.
+    with moe.prepared(model):
+        plan = plan_load(target, config, tensors, verb)
+        existing = [
+            p.path for p in plan.loras
+            if isinstance(p.layer, LowRankLayer)
+            and name in p.layer.adapter_names
+        ]
+        if existing:
+            fail(
+                f"{verb}: layer '{existing[0]}' already has an adapter named "
+                f"{name!r}. Pass another name (name='task_b') or "
+                "keras_lowrank.delete_adapter(model, name) first."
+            )
+        _apply(model, target, config, plan, name)
     return model
 
 

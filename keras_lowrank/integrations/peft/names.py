@@ -58,6 +58,41 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertParam:
+    """One 3-D `nn.Parameter` of a `transformers` expert module.
+
+    Attributes:
+        hf: the parameter's name (`"gate_up_proj"`), `(E, out, in)`, or
+            `(E, in, out)` for modules with `is_transposed=True`.
+        kernels: the KerasHub expert layer's kernel attributes it holds,
+            `(E, in, out)` each; several ones are blocks of its output
+            columns, in order (Mixtral: `[gate | up]`).
+    """
+
+    hf: str
+    kernels: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """Where the expert banks of a `transformers` MoE model are.
+
+    Attributes:
+        hf: the experts module, `{i}` for the block index
+            (`"layers.{i}.mlp.experts"`).
+        block: the KerasHub decoder block holding that bank
+            (`"transformer_layer_{i}"`; the MoE block inside is auto-named,
+            so the bank is found by structure, not by path).
+        params: the module's 3-D parameters, in `named_parameters` order,
+            which is the order PEFT nests its wrappers in.
+    """
+
+    hf: str
+    block: str
+    params: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class Architecture:
     """The name table of one KerasHub backbone family.
 
@@ -71,6 +106,8 @@ class Architecture:
             `Task`.
         fused: module-name endings of fused projections in related
             `transformers` models, refused with a specific message.
+        experts: the MoE expert banks PEFT adapts with
+            `target_parameters` (`Experts`), `None` without any.
     """
 
     name: str
@@ -79,6 +116,7 @@ class Architecture:
     norms: tuple = ()
     tasks: dict = dataclasses.field(default_factory=dict)
     fused: tuple = ()
+    experts: object = None
 
     @property
     def prefixes(self):
@@ -140,28 +178,34 @@ BERT = Architecture(
 )
 
 
-def _decoder(name, backbones, block, attention, mlp):
-    """The table of a Llama-style decoder (`q/k/v/o_proj`, gated MLP)."""
-    gate, up, down = mlp
-    return Architecture(
-        name=name,
-        backbones=backbones,
-        linear=(
-            Module("layers.{i}.self_attn.q_proj", f"{block}/{attention}/query"),
-            Module("layers.{i}.self_attn.k_proj", f"{block}/{attention}/key"),
-            Module("layers.{i}.self_attn.v_proj", f"{block}/{attention}/value"),
-            Module(
-                "layers.{i}.self_attn.o_proj",
-                f"{block}/{attention}/attention_output",
-            ),
+def _decoder(name, backbones, block, attention, mlp, experts=None):
+    """The table of a Llama-style decoder (`q/k/v/o_proj`, then a gated MLP,
+    or an MoE expert bank when `mlp` is `None`)."""
+    linear = (
+        Module("layers.{i}.self_attn.q_proj", f"{block}/{attention}/query"),
+        Module("layers.{i}.self_attn.k_proj", f"{block}/{attention}/key"),
+        Module("layers.{i}.self_attn.v_proj", f"{block}/{attention}/value"),
+        Module(
+            "layers.{i}.self_attn.o_proj",
+            f"{block}/{attention}/attention_output",
+        ),
+    )
+    if mlp is not None:
+        gate, up, down = mlp
+        linear += (
             Module("layers.{i}.mlp.gate_proj", f"{block}/{gate}"),
             Module("layers.{i}.mlp.up_proj", f"{block}/{up}"),
             Module("layers.{i}.mlp.down_proj", f"{block}/{down}"),
-        ),
+        )
+    return Architecture(
+        name=name,
+        backbones=backbones,
+        linear=linear,
         # XForCausalLM wraps XModel as `model`.
         tasks={"CausalLM": Task("model.", "CAUSAL_LM")},
         # Phi-3 style fused projections.
         fused=("qkv_proj", "gate_up_proj"),
+        experts=experts,
     )
 
 
@@ -216,4 +260,53 @@ GEMMA = _decoder(
     ("ffw_gating", "ffw_gating_2", "ffw_linear"),
 )
 
-ARCHITECTURES = (BERT, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA)
+# MoE decoders (convert_mixtral.py, convert_qwen_moe.py,
+# convert_qwen3_moe.py). transformers 5 keeps each layer's experts as fused
+# 3-D parameters `gate_up_proj (E, 2I, H)` (columns [gate | up]) and
+# `down_proj (E, H, I)`, which PEFT adapts with `target_parameters`. The
+# dense MLPs beside the experts (Qwen2-MoE's shared expert, Qwen3-MoE's
+# `mlp_only_layers`) sit in auto-named blocks and are not mapped.
+_GATE_UP_DOWN = (
+    ExpertParam(
+        "gate_up_proj",
+        ("_expert_feedforward_gate_dense",
+         "_expert_feedforward_intermediate_dense"),
+    ),
+    ExpertParam("down_proj", ("_expert_feedforward_output_dense",)),
+)
+_FUSED_GATE_UP_DOWN = (
+    ExpertParam("gate_up_proj", ("_expert_feedforward_gate_dense",)),
+    ExpertParam("down_proj", ("_expert_feedforward_output_dense",)),
+)
+_MOE_BLOCK = "transformer_layer_{i}"
+
+MIXTRAL = _decoder(
+    "mixtral",
+    ("MixtralBackbone",),
+    _MOE_BLOCK,
+    "self_attention",
+    None,
+    Experts("layers.{i}.mlp.experts", _MOE_BLOCK, _GATE_UP_DOWN),
+)
+
+QWEN_MOE = _decoder(
+    "qwen2_moe",
+    ("QwenMoeBackbone",),
+    _MOE_BLOCK,
+    "self_attention",
+    None,
+    Experts("layers.{i}.mlp.experts", _MOE_BLOCK, _FUSED_GATE_UP_DOWN),
+)
+
+QWEN3_MOE = _decoder(
+    "qwen3_moe",
+    ("Qwen3MoeBackbone",),
+    _MOE_BLOCK,
+    "self_attention",
+    None,
+    Experts("layers.{i}.mlp.experts", _MOE_BLOCK, _FUSED_GATE_UP_DOWN),
+)
+
+ARCHITECTURES = (
+    BERT, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, MIXTRAL, QWEN_MOE, QWEN3_MOE,
+)

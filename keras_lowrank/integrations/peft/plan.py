@@ -4,8 +4,9 @@
 (`mapping.Target`) to a KerasHub layer and checks everything a load needs
 (options, names, shapes, the file against its config), so that a refused
 folder leaves the model untouched. The result, a `Plan`, holds the LoRA
-modules to adapt and the plain tensors (biases, `modules_to_save`) to
-assign, already in the Keras layouts.
+modules to adapt (MoE expert kernels included, from `experts.plan_experts`)
+and the plain tensors (biases, `modules_to_save`) to assign, already in the
+Keras layouts.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import numbers
 import keras
 
 from keras_lowrank.integrations.peft import format as peft_format
+from keras_lowrank.integrations.peft.experts import plan_experts
 from keras_lowrank.integrations.peft.format import KEY_PREFIX
 from keras_lowrank.integrations.peft.format import fail
 from keras_lowrank.integrations.peft.mapping import first
@@ -114,6 +116,8 @@ def plan_load(target, config, tensors, verb):
     >>> [(m.path, m.rank, m.values["A"].shape) for m in plan.loras]
     [('transformer_layer_0/self_attention_layer/query', 2, (4, 2))]
     """
+    # MoE expert parameters (target_parameters) first; the rest are modules.
+    expert_loras, tensors = plan_experts(target, config, tensors, verb)
     modules = {}
     strays = []
     # Sorted, so that the first problem reported does not depend on the
@@ -184,6 +188,7 @@ def plan_load(target, config, tensors, verb):
         assigns.extend(_plan_plain(key, path, layer, kind, parts, verb))
         if saved:
             kept.append(path)
+    loras.extend(expert_loras)
     if not loras:
         fail(f"{verb}: the file holds no LoRA factors (lora_A/lora_B).")
     return _Plan(loras, assigns, kept)
