@@ -77,23 +77,16 @@ def remove(visits):
             aset.stack = None
 
 
-def stack_variables(model):
-    """Every variable of `model`'s stacks (for a transaction's snapshot)."""
+def stack_variables(model, routing_only=False):
+    """Every variable of `model`'s stacks (for a transaction's snapshot), or
+    with `routing_only` just the slot variables (what switching writes)."""
     out = []
     for visit in adapted_visits(model):
         stack = visit.layer._lowrank.stack
         if stack is not None:
-            out.extend(stack.variables())
-    return out
-
-
-def routing_variables(model):
-    """The slot variables of `model`'s stacks: what switching writes."""
-    out = []
-    for visit in adapted_visits(model):
-        stack = visit.layer._lowrank.stack
-        if stack is not None:
-            out.extend(stack.routing_variables())
+            out.extend(
+                stack.routing_variables() if routing_only else stack.variables()
+            )
     return out
 
 

@@ -215,10 +215,7 @@ class Snapshot:
         self.quantized = {}
         owned_keys = [] if self.state is None else owned.all_keys(self.state)
         owned_vars = owned.resolve(model, owned_keys).values() if owned_keys else ()
-        stacked = (
-            stacks.routing_variables(model) if switch_only
-            else stacks.stack_variables(model)
-        )
+        stacked = stacks.stack_variables(model, routing_only=switch_only)
         self.extend(list(adapted_layers(model)) + list(layers), kernels,
                     list(variables) + list(owned_vars) + stacked)
 
