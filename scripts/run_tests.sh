@@ -57,21 +57,62 @@ if [ "$mode" = keras-min ]; then
 else
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do backends+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
-  [ ${#backends[@]} -gt 0 ] || backends=(jax tensorflow torch)
+  # Longest first, so the short torch run fills the lane that frees up first.
+  [ ${#backends[@]} -gt 0 ] || backends=(tensorflow jax torch)
 fi
 
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONHASHSEED=0
-status=0
-for backend in "${backends[@]}"; do
+
+# One backend's pytest process. -p no:cacheprovider keeps the clean checkout
+# clean; its own --basetemp keeps concurrent runs out of each other's tmp_path.
+run_backend() {
+  local backend=$1; shift
+  local rc=0
   echo "=== pytest on KERAS_BACKEND=$backend, keras $keras_version ==="
-  # -p no:cacheprovider keeps the clean checkout clean.
-  rc=0
-  KERAS_BACKEND=$backend python -m pytest -p no:cacheprovider -q "$@" || rc=$?
+  KERAS_BACKEND=$backend python -m pytest -p no:cacheprovider -q \
+    --basetemp="$tmp_root/$backend" "$@" || rc=$?
   if [ $rc -eq 5 ]; then
     # pytest's "no tests collected": a selection that matches nothing is a
     # failure here, never a pass.
     echo "=== KERAS_BACKEND=$backend: pytest ran no tests (exit 5); check the selection ===" >&2
   fi
+  echo "=== KERAS_BACKEND=$backend: exit $rc ==="
+  return $rc
+}
+
+# The backends' processes run side by side, KERAS_LOWRANK_TEST_JOBS at a time
+# (default: one per core, at most one per backend). A run is mostly
+# single-threaded Python and XLA/TF tracing, so on CI's 2 cores two at a time
+# take about half the wall time of one after another. Each process still has
+# one backend, as Keras's own CI does; its output is printed whole when it ends.
+cores=$(nproc 2>/dev/null || echo 1)
+jobs=${KERAS_LOWRANK_TEST_JOBS:-$cores}
+[ "$jobs" -le ${#backends[@]} ] || jobs=${#backends[@]}
+[ "$jobs" -ge 1 ] || jobs=1
+tmp_root=$(mktemp -d)
+trap 'rm -rf "$tmp_root"' EXIT
+
+status=0
+if [ "$jobs" -eq 1 ]; then
+  for backend in "${backends[@]}"; do
+    run_backend "$backend" "$@" || status=1
+  done
+  exit $status
+fi
+
+declare -A running=()
+finish_one() {
+  local pid rc=0
+  wait -n -p pid "${!running[@]}" || rc=$?
+  local backend=${running[$pid]}
+  unset "running[$pid]"
+  cat "$tmp_root/$backend.log"
   [ $rc -eq 0 ] || status=1
+}
+for backend in "${backends[@]}"; do
+  [ ${#running[@]} -lt "$jobs" ] || finish_one
+  run_backend "$backend" "$@" >"$tmp_root/$backend.log" 2>&1 &
+  running[$!]=$backend
 done
+while [ ${#running[@]} -gt 0 ]; do finish_one; done
 exit $status
