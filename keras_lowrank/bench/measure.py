@@ -7,9 +7,11 @@ part of the adapter library, so it may look at the backend it runs on).
 
 import ctypes
 import gc
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -113,6 +115,24 @@ class PeakRSS:
 
         scale = 1 if sys.platform == "darwin" else 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory(step, steps):
+    """Runs `step()` `steps` times and returns the peak memory of that
+    window: `peak_rss_bytes` and `memory_method` (see `PeakRSS`), plus
+    `device` and `device_peak_bytes` where the backend reports a device."""
+    device = accelerator()
+    tracker = PeakRSS()
+    if device:
+        reset_device_peak()
+    tracker.start()
+    for _ in range(steps):
+        step()
+    result = {"peak_rss_bytes": tracker.peak(), "memory_method": tracker.method}
+    if device:
+        result["device"] = device
+        result["device_peak_bytes"] = device_peak_bytes()
+    return result
 
 
 # --- device memory --------------------------------------------------------------
@@ -231,3 +251,37 @@ def machine():
         "python": platform.python_version(),
         "os": platform.platform(terse=True),
     }
+
+
+# --- one entry in a fresh process ----------------------------------------------
+
+# The line `keras_lowrank.bench.worker` prints its result on.
+RESULT_TAG = "KERAS_LOWRANK_BENCH_RESULT "
+
+
+
+
+def in_fresh_process(request, what, timeout):
+    """Runs `keras_lowrank.bench.worker` on `request` in a fresh Python process and returns
+    its result; `what` names the entry in the error if the worker fails."""
+    env = dict(os.environ)
+    # The worker must import this very checkout of the package.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, env.get("PYTHONPATH")) if p
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_lowrank.bench.worker"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(
+        f"keras_lowrank.bench: the memory worker failed for {what} "
+        f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    )

@@ -11,9 +11,6 @@ device's peak on a GPU.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 from keras_lowrank.bench import cases
 from keras_lowrank.bench import measure
@@ -126,48 +123,16 @@ def memory_entry(spec, item, steps, warmup):
     model, step = prepare(workload, item)
     for _ in range(warmup):
         step()
-    device = measure.accelerator()
     result = {"rss_loaded_bytes": measure.rss_bytes()}
-    tracker = measure.PeakRSS()
-    if device:
-        measure.reset_device_peak()
-    tracker.start()
-    for _ in range(steps):
-        step()
-    result["peak_rss_bytes"] = tracker.peak()
-    result["memory_method"] = tracker.method
-    if device:
-        result["device"] = device
-        result["device_peak_bytes"] = measure.device_peak_bytes()
+    result.update(measure.peak_memory(step, steps))
     return result
 
 
 def memory_in_worker(spec, item, steps, warmup, timeout=1800):
     """Runs `memory_entry` in a fresh Python process; returns its result."""
-    request = json.dumps(
-        {"block": spec, "entry": item, "steps": steps, "warmup": warmup}
-    )
-    env = dict(os.environ)
-    # The worker must import this very checkout of the package.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, env.get("PYTHONPATH")) if p
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "keras_lowrank.bench.worker"],
-        input=request,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("KERAS_LOWRANK_BENCH_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
-    raise RuntimeError(
-        "keras_lowrank.bench: the memory worker failed for "
-        f"{_describe(item)} (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-    )
+    request = {"workload": "compare", "block": spec, "entry": item,
+               "steps": steps, "warmup": warmup}
+    return measure.in_fresh_process(request, _describe(item), timeout)
 
 
 def run_plan(plan, rounds, steps, warmup, memory="subprocess", memory_steps=3,

@@ -25,7 +25,34 @@ TARGET_SETS = {
 }
 
 
-class BertClassifierWorkload:
+class LinearTargets:
+    """The target sets (`TARGET_SETS`) of a workload whose model has a
+    `backbone`; shared by every workload, so "qv" means the same layers in
+    every table."""
+
+    def linear_layers(self, model):
+        import keras
+
+        kinds = (keras.layers.Dense, keras.layers.EinsumDense)
+        return [
+            layer
+            for layer in keras_private.all_sublayers(model.backbone)
+            if isinstance(layer, kinds)
+        ]
+
+    def target_layers(self, model, targets):
+        layers = self.linear_layers(model)
+        if targets == "all_linear":
+            return layers
+        if targets == "qv":
+            return [l for l in layers if l.name in ("query", "value")]
+        raise ValueError(
+            f"keras_lowrank.bench: unknown target set {targets!r}; use one of "
+            f"{sorted(TARGET_SETS)}."
+        )
+
+
+class BertClassifierWorkload(LinearTargets):
     """A KerasHub `BertTextClassifier` on token ids (no preprocessor).
 
     spec keys:
@@ -89,27 +116,6 @@ class BertClassifierWorkload:
             0, int(self.spec.get("num_classes", 2)), size=(shape[0],)
         ).astype("int32")
         return x, y
-
-    def linear_layers(self, model):
-        import keras
-
-        kinds = (keras.layers.Dense, keras.layers.EinsumDense)
-        return [
-            layer
-            for layer in keras_private.all_sublayers(model.backbone)
-            if isinstance(layer, kinds)
-        ]
-
-    def target_layers(self, model, targets):
-        layers = self.linear_layers(model)
-        if targets == "all_linear":
-            return layers
-        if targets == "qv":
-            return [l for l in layers if l.name in ("query", "value")]
-        raise ValueError(
-            f"keras_lowrank.bench: unknown target set {targets!r}; use one of "
-            f"{sorted(TARGET_SETS)}."
-        )
 
     def floor_layers(self, model):
         return [model.backbone.get_layer("embeddings_layer_norm")]

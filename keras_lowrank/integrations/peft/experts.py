@@ -29,7 +29,6 @@ adapter). Both are exact.
 
 import dataclasses
 import math
-import numbers
 import re
 
 import numpy as np
@@ -368,27 +367,7 @@ def _plan_param(config, key, stem, param, bank, parts, verb):
                 f"{needs[what] if rank else '(E·r, in)'}. The adapter was "
                 "made for a model of another size."
             )
-    r = peft_format.pattern_value(
-        config.get("rank_pattern"), key, config.get("r")
-    )
-    if r != rank:
-        fail(
-            f"{verb}: parameter '{key}' has rank {rank} in the file, but the "
-            f"config gives it r={r!r} (r / rank_pattern); the file and its "
-            "config disagree."
-        )
-    alpha = peft_format.pattern_value(
-        config.get("alpha_pattern"), key, config.get("lora_alpha", 8)
-    )
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not alpha > 0
-    ):
-        fail(
-            f"{verb}: parameter '{key}' has lora_alpha {alpha!r}; "
-            "keras_lowrank needs a positive number."
-        )
+    alpha = peft_format.file_alpha(config, key, rank, verb, "parameter")
     a, b = keras_expert_factors(lora_a, lora_b, experts)
     out, start = [], 0
     for (path, child), layout in zip(kernels, layouts):

@@ -9,6 +9,7 @@ KerasHub layers.
 """
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -237,6 +238,32 @@ def pattern_value(pattern, key, default):
         if re.match(rf"(.*\.)?({candidate})$", key):
             return value
     return default
+
+
+def file_alpha(config, key, rank, verb, kind):
+    """The `lora_alpha` of `key` (a `kind`: "module" or "parameter"), after
+    checking that the config's `r`/`rank_pattern` agrees with the `rank` the
+    file's factors have."""
+    r = pattern_value(config.get("rank_pattern"), key, config.get("r"))
+    if r != rank:
+        fail(
+            f"{verb}: {kind} '{key}' has rank {rank} in the file, but the "
+            f"config gives it r={r!r} (r / rank_pattern); the file and its "
+            "config disagree."
+        )
+    alpha = pattern_value(
+        config.get("alpha_pattern"), key, config.get("lora_alpha", 8)
+    )
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, numbers.Real)
+        or not alpha > 0
+    ):
+        fail(
+            f"{verb}: {kind} '{key}' has lora_alpha {alpha!r}; keras_lowrank "
+            "needs a positive number."
+        )
+    return alpha
 
 
 def selects(targets, key):

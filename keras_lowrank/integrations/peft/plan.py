@@ -11,7 +11,6 @@ Keras layouts.
 
 import dataclasses
 import math
-import numbers
 
 import keras
 
@@ -306,27 +305,7 @@ def _plan_lora(config, key, path, layer, kind, parts, verb):
                 f"{layout.d} inputs, {layout.k} outputs) needs {shape}. The "
                 "adapter was made for a model of another size."
             )
-    r = peft_format.pattern_value(
-        config.get("rank_pattern"), key, config.get("r")
-    )
-    if r != rank:
-        fail(
-            f"{verb}: module '{key}' has rank {rank} in the file, but the "
-            f"config gives it r={r!r} (r / rank_pattern); the file and its "
-            "config disagree."
-        )
-    alpha = peft_format.pattern_value(
-        config.get("alpha_pattern"), key, config.get("lora_alpha", 8)
-    )
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not alpha > 0
-    ):
-        fail(
-            f"{verb}: module '{key}' has lora_alpha {alpha!r}; keras_lowrank "
-            "needs a positive number."
-        )
+    alpha = peft_format.file_alpha(config, key, rank, verb, "module")
     layout.check_rank(
         rank, path, f" (module '{key}' of the PEFT file has rank {rank})"
     )
