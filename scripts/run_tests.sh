@@ -100,10 +100,30 @@ if [ "$jobs" -eq 1 ]; then
   exit $status
 fi
 
+# A progress line every KERAS_LOWRANK_TEST_TICK seconds (default 300), so a
+# log watcher sees the run is alive while the whole outputs wait.
+tick=${KERAS_LOWRANK_TEST_TICK:-300}
+started=$SECONDS
 declare -A running=()
+sleep "$tick" & ticker=$!
+progress() {
+  local pid backend done line=""
+  for pid in "${!running[@]}"; do
+    backend=${running[$pid]}
+    done=$( (grep -o '\[ *[0-9]*%\]' "$tmp_root/$backend.log" || true) | tail -n 1 | tr -d ' []')
+    line+=" $backend (${done:-0%})"
+  done
+  echo "=== $(( (SECONDS - started) / 60 )) min, still running:$line ==="
+}
 finish_one() {
   local pid rc=0
-  wait -n -p pid "${!running[@]}" || rc=$?
+  while true; do
+    rc=0
+    wait -n -p pid "${!running[@]}" "$ticker" || rc=$?
+    [ "$pid" = "$ticker" ] || break
+    progress
+    sleep "$tick" & ticker=$!
+  done
   local backend=${running[$pid]}
   unset "running[$pid]"
   cat "$tmp_root/$backend.log"
@@ -115,4 +135,5 @@ for backend in "${backends[@]}"; do
   running[$!]=$backend
 done
 while [ ${#running[@]} -gt 0 ]; do finish_one; done
+kill "$ticker" 2>/dev/null || true
 exit $status
