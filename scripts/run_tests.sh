@@ -107,11 +107,11 @@ started=$SECONDS
 declare -A running=()
 sleep "$tick" & ticker=$!
 progress() {
-  local pid backend done line=""
+  local pid backend pct line=""
   for pid in "${!running[@]}"; do
     backend=${running[$pid]}
-    done=$( (grep -o '\[ *[0-9]*%\]' "$tmp_root/$backend.log" || true) | tail -n 1 | tr -d ' []')
-    line+=" $backend (${done:-0%})"
+    pct=$( (grep -o '\[ *[0-9]*%\]' "$tmp_root/$backend.log" || true) | tail -n 1 | tr -d ' []')
+    line+=" $backend (${pct:-0%})"
   done
   echo "=== $(( (SECONDS - started) / 60 )) min, still running:$line ==="
 }
