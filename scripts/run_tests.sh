@@ -90,7 +90,18 @@ jobs=${KERAS_LOWRANK_TEST_JOBS:-$cores}
 [ "$jobs" -le ${#backends[@]} ] || jobs=${#backends[@]}
 [ "$jobs" -ge 1 ] || jobs=1
 tmp_root=$(mktemp -d)
-trap 'rm -rf "$tmp_root"' EXIT
+# Stopped early (SIGTERM, or an error here), no backend's pytest may outlive
+# the script: each runs in a background subshell, so stop its children too.
+cleanup() {
+  local pid
+  for pid in $(jobs -p); do
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  rm -rf "$tmp_root"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
 
 status=0
 if [ "$jobs" -eq 1 ]; then
