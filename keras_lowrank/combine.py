@@ -37,8 +37,8 @@ from keras_lowrank.state.model_state import state_of
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.state.transaction import transaction
-from keras_lowrank.surgery.adapt import check_plan
 from keras_lowrank.surgery.adapt import install
+from keras_lowrank.surgery.adapt_checks import check_plan
 
 HOWS = ("linear", "cat", "svd")
 

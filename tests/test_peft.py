@@ -637,6 +637,7 @@ REFUSALS = {
     "target_modules": (_edit_config(target_modules=["q_proj"]), ValueError, r"'model.layers.0.self_attn.v_proj', which target_modules=\['q_proj'\] does not select"),
     "exclude_modules": (_edit_config(exclude_modules=["v_proj"]), ValueError, r"exclude_modules=\['v_proj'\] excludes"),
     "rank_mismatch": (_edit_config(r=3), ValueError, r"has rank 2 in the file, but the config gives it r=3"),
+    "alpha": (_edit_config(alpha_pattern={"v_proj": -1}), ValueError, r"module 'model.layers.0.self_attn.v_proj' has lora_alpha -1; keras_lowrank needs a positive number\.$"),
     "dora_without_magnitude": (_drop_magnitude, ValueError, r"has no lora_magnitude_vector, but use_dora=true"),
     "unknown_module": (_add_tensor(PREFIX + "self_attn.rotary.lora_A.weight", (2, 32)), ValueError, r"module\(s\) 'model.layers.0.self_attn.rotary' have no KerasHub counterpart in the llama table"),
     "fused_module": (_add_tensor(PREFIX + "self_attn.qkv_proj.lora_A.weight", (2, 32)), ValueError, r"'model.layers.0.self_attn.qkv_proj' are fused projections"),

@@ -35,6 +35,7 @@ from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.surgery import adapt as adapting
+from keras_lowrank.surgery import adapt_checks
 from keras_lowrank.surgery import targets as targeting
 from keras_lowrank.surgery.walk import walk
 
@@ -190,7 +191,7 @@ def extract(
             f"(selected: {unchanged[:4]})."
         )
     kept_keys, bias, kept_paths = _kept(base, plan, changed, keep_changed)
-    record = adapting.options_record(
+    record = adapt_checks.options_record(
         max(spec.rank for _, spec in plan), None,
         [visit.path for visit, _ in plan], None, 0.0, "standard", "lora",
         "default", bias, kept_paths,
@@ -198,8 +199,8 @@ def extract(
         [visit.path for visit, _ in plan], kept_paths,
     )
     record["owned"] = kept_keys
-    adapting.check_plan(base, plan, name)
-    adapting.check_kept_paths(base, kept_paths, plan)
+    adapt_checks.check_plan(base, plan, name)
+    adapt_checks.check_kept_paths(base, kept_paths, plan)
     values = _kept_values(base, tuned, kept_keys)
     adapting.install(
         base, name, plan, record, factors=factors, owned_values=values,

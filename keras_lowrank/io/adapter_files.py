@@ -161,8 +161,8 @@ def _load(model, file, config, tensors, name):
     if state is not None and name in state.options:
         _replace_values(model, state, name, plan, factors, values, config, file)
         return model
-    from keras_lowrank.surgery.adapt import check_kept_paths
-    from keras_lowrank.surgery.adapt import check_plan
+    from keras_lowrank.surgery.adapt_checks import check_kept_paths
+    from keras_lowrank.surgery.adapt_checks import check_plan
     from keras_lowrank.surgery.adapt import install
 
     check_plan(model, plan, name)

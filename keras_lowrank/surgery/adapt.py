@@ -2,34 +2,35 @@
 
 Both work in place on the layer objects the model already holds (subclassed
 and KerasHub models cannot have sublayers swapped after build), and both are
-all-or-nothing: every check runs before the first change, and each runs as
-a `keras_lowrank.state.transaction.transaction`, so a failure half-way (at
-any layer, of any kind) rolls every change back.
+all-or-nothing: every check (`adapt_checks`) runs before the first change,
+and each runs as a `keras_lowrank.state.transaction.transaction`, so a
+failure half-way (at any layer, of any kind) rolls every change back.
 """
 
 import gc
-import numbers
 
-import keras
 
 from keras_lowrank.integrations import moe
 from keras_lowrank.lifecycle import check_activatable
 from keras_lowrank.state import owned
 from keras_lowrank.surgery import targets as targeting
-from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.layers import quantized as quantization
 from keras_lowrank.state.model_state import ModelState
 from keras_lowrank.state.model_state import adapted_layers
-from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.io.keras_file import mark_adapted
-from keras_lowrank.state.model_state import own_state
 from keras_lowrank.state.model_state import state_of
 from keras_lowrank.io.keras_file import unmark_adapted
 from keras_lowrank.state.transaction import check_not_disabled
 from keras_lowrank.state.transaction import transaction
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
+from keras_lowrank.surgery.adapt_checks import check_model
+from keras_lowrank.surgery.adapt_checks import check_not_nested
+from keras_lowrank.surgery.adapt_checks import check_plan
+from keras_lowrank.surgery.adapt_checks import kept_paths
+from keras_lowrank.surgery.adapt_checks import options_record
+from keras_lowrank.surgery.adapt_checks import spec_for
 from keras_lowrank.surgery.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
@@ -108,7 +109,7 @@ def adapt(
     >>> [w.name for w in model.trainable_weights]
     ['lowrank_A_default', 'lowrank_B_default']
     """
-    _check_model(model)
+    check_model(model)
     check_adapter_name(name)
     if bias not in BIAS_POLICIES:
         raise ValueError(
@@ -145,11 +146,11 @@ def adapt(
         ranks = targeting.pattern_layers(model, chosen, "rank_pattern", rank_pattern)
         alphas = targeting.pattern_layers(model, chosen, "alpha_pattern", alpha_pattern)
         plan = [
-            (visit, _spec_for(visit, base_spec, ranks, alphas, alpha is not None))
+            (visit, spec_for(visit, base_spec, ranks, alphas, alpha is not None))
             for visit in chosen
         ]
         check_plan(model, plan, name)
-        kept = _kept_paths(model, trainable, plan)
+        kept = kept_paths(model, trainable, plan)
         record = options_record(
             rank, alpha, targets, exclude, dropout, scaling, method, init,
             bias, trainable, rank_pattern, alpha_pattern,
@@ -190,7 +191,7 @@ def install(
             "keras_lowrank.delete_adapter(model, name) first."
         )
     check_not_disabled(model, verb)
-    _check_not_nested(model)
+    check_not_nested(model)
     check_activatable(model, [name])
     keys = record.get("owned")
     if keys is None:
@@ -283,170 +284,3 @@ def unload(model, quantized="error"):
         del model._keras_lowrank
     gc.collect()  # free the factors' buffers now (see keras_private.delete_variable)
     return model
-
-
-# --- checks -----------------------------------------------------------------
-
-
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "keras_lowrank: adapt() takes a keras.Model, got "
-            f"{type(model).__name__}. To adapt one layer, use "
-            "LowRankDense.from_layer(layer, rank=...) and the like."
-        )
-    if not model.built:
-        raise ValueError(
-            f"keras_lowrank: model '{model.name}' is not built, so its "
-            "layers have no kernels yet. Build it first (call it on a batch, "
-            "or `model.build(input_shape)`), then adapt it."
-        )
-
-
-def _spec_for(visit, base, ranks, alphas, alpha_given):
-    """`base` with the first matching rank and alpha pattern applied; `ranks`
-    and `alphas` are `targeting.pattern_layers` results."""
-    changes = {}
-    for option, pattern in (("rank", ranks), ("alpha", alphas)):
-        for value, layer_ids in pattern:
-            if id(visit.layer) in layer_ids:
-                changes[option] = value
-                break
-    if "rank" in changes and "alpha" not in changes and not alpha_given:
-        # alpha defaulted to rank: keep that default per layer (an explicit
-        # alpha stays as given, as in PEFT).
-        changes["alpha"] = None
-    if not changes:
-        return base
-    try:
-        return base.replace(**changes)
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace(
-            "keras_lowrank:", f"keras_lowrank: layer '{visit.path}':", 1
-        )) from None
-
-
-def check_plan(model, plan, name):
-    state = state_of(model, required=False)
-    kept = {}
-    for other, options in (state.options.items() if state else ()):
-        for path in options.get("kept", []):
-            kept.setdefault(path, other)
-    paths = {}
-    for visit, spec in plan:
-        for root, other in kept.items():
-            if owned.is_under(visit.path, root):
-                raise ValueError(
-                    f"keras_lowrank: layer '{visit.path}' is kept fully "
-                    f"trainable by adapter {other!r} (layer '{root}'), so it "
-                    "cannot also get an adapter. Leave it out of `targets`, "
-                    f"or delete adapter {other!r} first."
-                )
-        layer = visit.layer
-        other = paths.setdefault(visit.path, layer)
-        if other is not layer:
-            raise ValueError(
-                f"keras_lowrank: two layers share the path '{visit.path}'. "
-                "Adapters are identified by layer path; give the layers "
-                "distinct names."
-            )
-        cls = adapter_class_for(layer)
-        cls.check_convertible(layer, visit.path)
-        spec.validate(visit.path)
-        if isinstance(layer, LowRankLayer) and name in layer.adapter_names:
-            raise ValueError(
-                f"keras_lowrank: layer '{visit.path}' already has an adapter "
-                f"named {name!r}. Use another name (adapt(..., name='task_b')) "
-                "or keras_lowrank.delete_adapter(model, name) first."
-            )
-        layout = cls.kernel_layout(layer)
-        layout.check_rank(spec.rank, visit.path, ", or a rank_pattern for this layer")
-        cls.check_spec(spec, visit.path)
-
-
-def _kept_paths(model, trainable, plan):
-    """Paths of the layers the new adapter keeps fully trainable.
-
-    A layer either trains fully or holds adapters, never both (its kernel
-    would train under the adapters). The default (a KerasHub task's head)
-    quietly leaves out layers that hold adapters; an explicit `trainable`
-    entry that does is an error.
-    """
-    if trainable is None:
-        adapted = _adapted_paths(model, plan)
-        layers = {id(layer) for layer in targeting.default_trainable_layers(model)}
-        paths = [v.path for v in walk(model) if id(v.layer) in layers]
-        return [
-            p for p in paths if not any(owned.is_under(q, p) for q in adapted)
-        ]
-    paths = [visit.path for visit in targeting.select_any_layers(model, trainable)]
-    check_kept_paths(model, paths, plan)
-    return paths
-
-
-def check_kept_paths(model, paths, plan):
-    """Raises if a layer to keep trainable holds or contains adapters."""
-    adapted = _adapted_paths(model, plan)
-    for path in paths:
-        for other in adapted:
-            if owned.is_under(other, path):
-                raise ValueError(
-                    f"keras_lowrank: layer '{path}' is listed in `trainable`, "
-                    f"but it holds or contains the adapted layer '{other}'. A "
-                    "layer either trains fully or gets an adapter: remove it "
-                    "from `trainable` or from `targets`."
-                )
-
-
-def _adapted_paths(model, plan):
-    return [visit.path for visit, _ in plan] + [
-        v.path for v in adapted_visits(model)
-    ]
-
-
-def _check_not_nested(model):
-    """Raises if a model inside `model` holds adapters of its own: its
-    verbs and `model`'s would fight over the same layers (the outer adapt
-    would switch the inner adapter off, and the outer unload would leave the
-    inner model an adapted model)."""
-    for visit in walk(model):
-        if own_state(visit.layer) is not None:
-            raise ValueError(
-                f"keras_lowrank: layer '{visit.path}' of model '{model.name}' "
-                "is an adapted model itself; adapters of nested models cannot "
-                "be managed from the outer model. Either manage the adapters "
-                f"on '{visit.path}' alone (they train inside the outer model "
-                f"as they are), or call keras_lowrank.unload() on "
-                f"'{visit.path}' first, then adapt the outer model."
-            )
-
-
-def options_record(
-    rank, alpha, targets, exclude, dropout, scaling, method, init, bias,
-    trainable, rank_pattern, alpha_pattern, paths, kept,
-):
-    """adapt()'s arguments as JSON-ready data (targets as given, and the
-    layer paths they resolved to; `trainable` as given, and the layer paths
-    it resolved to)."""
-    return {
-        "rank": int(rank),
-        "alpha": float(alpha) if isinstance(alpha, numbers.Real) else alpha,
-        "targets": targeting.describe(targets),
-        "exclude": targeting.describe(exclude),
-        "dropout": float(dropout),
-        "scaling": scaling,
-        "method": method,
-        "init": init,
-        "bias": bias,
-        "trainable": targeting.describe(trainable),
-        "rank_pattern": _pattern_record(rank_pattern),
-        "alpha_pattern": _pattern_record(alpha_pattern),
-        "layers": list(paths),
-        "kept": list(kept),
-    }
-
-
-def _pattern_record(pattern):
-    if not pattern:
-        return {}
-    return {targeting.describe(key): value for key, value in pattern.items()}

@@ -15,8 +15,8 @@ import numpy as np
 
 from keras_lowrank.errors import check_known_adapter
 from keras_lowrank.integrations.peft import format as peft_format
-from keras_lowrank.integrations.peft.experts import export_experts
-from keras_lowrank.integrations.peft.experts import is_expert_visit
+from keras_lowrank.integrations.peft.expert_export import export_experts
+from keras_lowrank.integrations.peft.expert_export import is_expert_visit
 from keras_lowrank.integrations.peft.format import KEY_PREFIX
 from keras_lowrank.integrations.peft.format import fail
 from keras_lowrank.integrations.peft.mapping import Target
