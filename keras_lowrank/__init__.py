@@ -21,6 +21,7 @@ from keras_lowrank.layers import LowRankConv3D
 from keras_lowrank.layers import LowRankDense
 from keras_lowrank.layers import LowRankEinsumDense
 from keras_lowrank.layers import LowRankEmbedding
+from keras_lowrank.layers import LowRankReversibleEmbedding
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.lifecycle import delete_adapter
 from keras_lowrank.lifecycle import disable_adapters
@@ -64,6 +65,7 @@ __all__ = [
     "LowRankEinsumDense",
     "LowRankEmbedding",
     "LowRankLayer",
+    "LowRankReversibleEmbedding",
     "merge",
     "per_example_adapters",
     "read_adapter_config",

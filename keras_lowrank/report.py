@@ -17,9 +17,12 @@ class AdapterRow:
         adapter: the adapter's name.
         kernel_shape: the base kernel's shape.
         dk: the kernel's size `d·k` (times any batch axes).
-        rdk: the adapter's factor size `r·(d+k)` (times any batch axes).
-        params: every variable the adapter adds (factors, DoRA magnitude).
-        rank, alpha, scaling, method: the adapter's options.
+        rdk: the adapter's factor size `r·(d+k)` (times any batch axes);
+            for token rows, the rows' size `n·k`.
+        params: every variable the adapter trains (factors, DoRA
+            magnitude; for token rows, the rows' change).
+        rank, alpha, scaling, method: the adapter's options; `method` is
+            `"tokens"` for a token-rows adapter.
         active, merged: its state on this layer.
         experts: for an MoE expert kernel `(E, d, k)`, `E` (its factors are
             `E` separate `r·(d+k)`); 0 for other layers.
@@ -168,7 +171,7 @@ def report(model):
             params = sum(
                 math.prod(var.shape)
                 for key, var in layer.adapter_variables(name).items()
-                if key in ("A", "B", "magnitude")
+                if key in spec.trainable_keys
             )
             rows.append(
                 AdapterRow(
@@ -176,12 +179,16 @@ def report(model):
                     adapter=name,
                     kernel_shape=tuple(layout.kernel_shape),
                     dk=dk,
-                    rdk=batch * spec.rank * (layout.d + layout.k),
+                    # A token-rows adapter's A is a fixed selection: its
+                    # size is its rows, n·width.
+                    rdk=batch * spec.rank * (
+                        layout.k if spec.is_token_rows else layout.d + layout.k
+                    ),
                     params=int(params),
                     rank=spec.rank,
                     alpha=float(spec.alpha),
                     scaling=spec.scaling,
-                    method=spec.method,
+                    method="tokens" if spec.is_token_rows else spec.method,
                     active=name in layer.active_adapters,
                     merged=name in layer.merged_adapters,
                     experts=batch if _is_expert_kernel(layer) else 0,

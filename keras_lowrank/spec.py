@@ -59,6 +59,12 @@ class AdapterSpec:
             iterations, as in PEFT: much faster on large kernels).
         bias: `"none"` (the layer's bias stays frozen) or `"all"` (the layer's
             bias trains with the adapter).
+        token_ids: `None`, or the ids of the embedding rows a *token-rows*
+            adapter trains (PEFT's `trainable_token_indices`): `ΔW = A·B`
+            with `A` the frozen one-hot selection of those rows and `B`
+            (`len(token_ids)` × width) their trainable change, starting at
+            zero. Build one with `AdapterSpec.for_tokens(ids)`; the other
+            options keep their defaults (rank = alpha = the number of ids).
 
     Example:
 
@@ -74,11 +80,28 @@ class AdapterSpec:
     method: str = "lora"
     init: str = "default"
     bias: str = "none"
+    token_ids: tuple = None
 
     def __post_init__(self):
         self.validate()
         if self.alpha is None:
             object.__setattr__(self, "alpha", self.rank)
+        if self.token_ids is not None:
+            object.__setattr__(
+                self, "token_ids", tuple(int(i) for i in self.token_ids)
+            )
+
+    @classmethod
+    def for_tokens(cls, token_ids, path=None):
+        """The spec of a token-rows adapter training the rows `token_ids`.
+
+        Example:
+
+        >>> AdapterSpec.for_tokens([5, 9]).rank
+        2
+        """
+        check_token_ids(token_ids, path)
+        return cls.checked(path, rank=len(token_ids), token_ids=token_ids)
 
     def validate(self, path=None):
         """Raises `ValueError`/`TypeError` naming `path` and the fix."""
@@ -124,6 +147,27 @@ class AdapterSpec:
                 f"{self.dropout!r}. Pass dropout=0.0 to disable it, or a "
                 "rate such as dropout=0.1."
             )
+        if self.token_ids is not None:
+            self._validate_token_rows(at, path)
+
+    def _validate_token_rows(self, at, path):
+        check_token_ids(self.token_ids, path)
+        if self.rank != len(self.token_ids):
+            raise ValueError(
+                f"{at}: a token-rows adapter has rank = the number of its "
+                f"token ids ({len(self.token_ids)}), got rank={self.rank}. "
+                "Build it with AdapterSpec.for_tokens(token_ids)."
+            )
+        plain = AdapterSpec(rank=self.rank)
+        for option in ("alpha", "scaling", "dropout", "method", "init", "bias"):
+            value, default = getattr(self, option), getattr(plain, option)
+            if value is not None and value != default:
+                raise ValueError(
+                    f"{at}: a token-rows adapter trains the rows themselves, "
+                    f"so {option}={value!r} does not apply (it must be "
+                    f"{default!r}). Build it with "
+                    "AdapterSpec.for_tokens(token_ids)."
+                )
 
     @classmethod
     def checked(cls, path=None, **options):
@@ -162,6 +206,17 @@ class AdapterSpec:
         )
 
     @property
+    def is_token_rows(self):
+        """Whether this adapter trains embedding rows (`token_ids`)."""
+        return self.token_ids is not None
+
+    @property
+    def trainable_keys(self):
+        """The adapter variables that train while it is active: a
+        token-rows adapter's `A` is the fixed selection of its rows."""
+        return ("B",) if self.is_token_rows else ("A", "B", "magnitude")
+
+    @property
     def scale(self):
         """The factor `s` that multiplies `A·B`."""
         from keras_lowrank import adapter_math
@@ -178,6 +233,11 @@ class AdapterSpec:
         config["rank"] = int(self.rank)
         config["alpha"] = float(self.alpha)
         config["dropout"] = float(self.dropout)
+        if self.token_ids is None:
+            # Files without token rows stay readable by older versions.
+            del config["token_ids"]
+        else:
+            config["token_ids"] = [int(i) for i in self.token_ids]
         return config
 
     @classmethod
@@ -266,6 +326,55 @@ def check_seed(seed, path=None):
             "seed=0, or seed=None for a random initialisation."
         )
     return int(seed)
+
+
+def check_token_ids(token_ids, path=None):
+    """Raises unless `token_ids` is a non-empty sequence of distinct
+    non-negative ints (the one check of token ids; the vocabulary range is
+    checked against the layer, in `layers.token_rows`).
+
+    Example:
+
+    >>> check_token_ids([3, 3])
+    Traceback (most recent call last):
+    ...
+    ValueError: keras_lowrank: token id 3 is listed twice in token_ids [3, 3]. List each embedding row once.
+    """
+    at = where(path)
+    if isinstance(token_ids, (str, bytes)) or not isinstance(
+        token_ids, (list, tuple)
+    ):
+        raise TypeError(
+            f"{at}: token_ids must be a list of token ids (ints), got "
+            f"{token_ids!r} ({type(token_ids).__name__}). Pass ids such as "
+            "[49152, 49153]; tokenizer.token_to_id(token) gives a token's id."
+        )
+    if not token_ids:
+        raise ValueError(
+            f"{at}: token_ids is empty. List the ids of the rows to train."
+        )
+    seen = set()
+    for token_id in token_ids:
+        if isinstance(token_id, bool) or not isinstance(
+            token_id, numbers.Integral
+        ):
+            raise TypeError(
+                f"{at}: token id {token_id!r} ({type(token_id).__name__}) is "
+                f"not an int, in token_ids {list(token_ids)!r}. Pass integer "
+                "ids; tokenizer.token_to_id(token) gives a token's id."
+            )
+        if token_id < 0:
+            raise ValueError(
+                f"{at}: token id {token_id} is negative, in token_ids "
+                f"{list(token_ids)!r}. Ids count embedding rows from 0."
+            )
+        if token_id in seen:
+            raise ValueError(
+                f"{at}: token id {token_id} is listed twice in token_ids "
+                f"{list(token_ids)!r}. List each embedding row once."
+            )
+        seen.add(token_id)
+    return token_ids
 
 
 def _check_choice(at, option, value, choices, extra=None):

@@ -289,6 +289,17 @@ def test_initial_factors_gaussian():
     np.testing.assert_array_equal(_np(b), np.zeros((4, 8, 20)))
 
 
+def test_token_row_factors_place_the_rows_and_nothing_else():
+    """`A·B` is `B`'s rows at the ids, zero elsewhere: `W[ids] += B`."""
+    a, b = am.token_row_factors([7, 2, 4], vocab=9, width=5)
+    assert keras.backend.standardize_dtype(a.dtype) == "float32"
+    np.testing.assert_array_equal(_np(b), np.zeros((3, 5)))
+    rows = np.random.default_rng(0).normal(size=(3, 5))
+    expected = np.zeros((9, 5))
+    expected[[7, 2, 4]] = rows
+    np.testing.assert_array_equal(_np(a) @ rows, expected)
+
+
 def test_initial_factors_refuses_kernel_inits():
     for init in ("pissa", "olora"):
         with pytest.raises(ValueError, match=f"{init}.*kernel_factors"):
@@ -459,6 +470,7 @@ def test_truncate_product_is_exact_for_a_low_rank_product():
 TESTED_ELSEWHERE = {"randomized_svd", "original_kernel_factors", "alpha_for_rank"}
 
 TESTED = TESTED_ELSEWHERE | {
+    "token_row_factors",
     "dora_scaled_b",
     "dora_merge_delta",
     "unmerged_base_kernel",

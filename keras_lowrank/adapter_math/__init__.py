@@ -51,6 +51,7 @@ from keras_lowrank.adapter_math.init import original_kernel_factors  # noqa: F40
 from keras_lowrank.adapter_math.init import pissa_factors  # noqa: F401
 from keras_lowrank.adapter_math.init import pissa_niter  # noqa: F401
 from keras_lowrank.adapter_math.init import randomized_svd  # noqa: F401
+from keras_lowrank.adapter_math.init import token_row_factors  # noqa: F401
 
 __all__ = [
     "adapter_dropout",
@@ -84,4 +85,5 @@ __all__ = [
     "pissa_factors",
     "pissa_niter",
     "randomized_svd",
+    "token_row_factors",
 ]

@@ -16,6 +16,24 @@ from keras_lowrank.adapter_math.lowrank import lowrank_delta
 # --- Initialisers -------------------------------------------------------------
 
 
+def token_row_factors(token_ids, vocab, width):
+    """`A` (`vocab×n`, one-hot: `A[ids[i], i] = 1`) and `B = 0` (`n×width`)
+    of a token-rows adapter, so that `ΔW = A·B` is `B`'s rows placed at
+    `token_ids` and zero elsewhere: `W[ids] += B`, exactly (every product is
+    with 1 or 0).
+
+    Example:
+
+    >>> a, b = token_row_factors([2, 0], vocab=3, width=4)
+    >>> keras.ops.convert_to_numpy(a).tolist()
+    [[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]
+    """
+    n = len(token_ids)
+    a = ops.transpose(ops.one_hot(ops.array(list(token_ids), "int32"), vocab))
+    return ops.cast(a, "float32"), ops.zeros((n, width), "float32")
+
+
+
 def initial_factors(init, a_shape, b_shape, fan_in, seed=None):
     """Initial `A` and `B` (float32) for the data-free initialisers.
 

@@ -43,6 +43,7 @@ CHECKSUM_KEY = "keras_lowrank_adapter_sha256"
 OPTION_KEYS = (
     "rank", "alpha", "scaling", "method", "init", "dropout", "bias", "targets",
     "exclude", "trainable", "rank_pattern", "alpha_pattern", "combined",
+    "trainable_tokens",
 )
 
 

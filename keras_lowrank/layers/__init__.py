@@ -12,7 +12,9 @@ from keras_lowrank.layers.einsum_dense import LowRankEinsumDense
 from keras_lowrank.layers.embedding import LowRankEmbedding
 from keras_lowrank.layers.experts import ExpertKernel
 from keras_lowrank.layers.experts import LowRankExpertKernel
+from keras_lowrank.layers.convert import plain_class
 from keras_lowrank.layers.layout import KernelLayout
+from keras_lowrank.layers.reversible_embedding import LowRankReversibleEmbedding
 
 # Exact Keras class -> adapter class. Exact, not isinstance: a subclass of
 # Dense may override `call`, and turning it into a LowRankDense would silently
@@ -27,13 +29,15 @@ ADAPTER_CLASSES = {
     # An MoE expert kernel (see `experts` and `integrations.moe`).
     ExpertKernel: LowRankExpertKernel,
 }
+if LowRankReversibleEmbedding is not None:  # Keras >= 3.15
+    ADAPTER_CLASSES[keras.layers.ReversibleEmbedding] = LowRankReversibleEmbedding
 
 
 def adapter_class_for(layer):
     """The adapter class for `layer`, or `None` if it has none."""
     if isinstance(layer, LowRankLayer):
         return type(layer)
-    return ADAPTER_CLASSES.get(type(layer))
+    return ADAPTER_CLASSES.get(plain_class(type(layer)))
 
 
 __all__ = [
@@ -49,5 +53,6 @@ __all__ = [
     "LowRankEmbedding",
     "LowRankExpertKernel",
     "LowRankLayer",
+    "LowRankReversibleEmbedding",
     "adapter_class_for",
 ]

@@ -22,6 +22,7 @@ from keras_lowrank import errors
 from keras_lowrank import keras_private
 from keras_lowrank.layers import merging
 from keras_lowrank.layers import sharding
+from keras_lowrank.layers.token_rows import check_token_rows
 from keras_lowrank.spec import AdapterSpec
 from keras_lowrank.spec import check_adapter_name
 from keras_lowrank.spec import check_seed
@@ -30,7 +31,6 @@ from keras_lowrank.spec import where
 # The variables an adapter may own, by key: the factors, DoRA's magnitude and
 # the norm it keeps while merged, and the initial factors of PiSSA/OLoRA.
 ADAPTER_KEYS = ("A", "B", "magnitude", "norm", "A0", "B0")
-TRAINABLE_KEYS = ("A", "B", "magnitude")
 
 
 def path_of(layer):
@@ -184,6 +184,7 @@ class AdapterSet:
         check_seed(seed, path)
         spec.validate(path)
         layout = layer._layout()
+        check_token_rows(type(layer), layout, spec, path)
         layout.check_rank(spec.rank, path)
         layer.check_spec(spec, path)
         if spec.rewrites_kernel and not restore:
@@ -343,11 +344,14 @@ class AdapterSet:
         frozen: a parent model collects its sublayers' variables by their
         own flags, so a factor flagged trainable here would still train."""
         layer = self.layer
-        layer._kernel_variable().trainable = False
+        for variable in layer._frozen_base_variables():
+            variable.trainable = False
         live = self.live() if layer.trainable and self.stack is None else []
         for name in self.specs:
             for key, var in self.variables(name).items():
-                var.trainable = key in TRAINABLE_KEYS and name in live
+                var.trainable = (
+                    key in self.specs[name].trainable_keys and name in live
+                )
         bias = getattr(layer, "bias", None)
         if isinstance(bias, keras.Variable):
             bias.trainable = any(self.specs[n].bias == "all" for n in live)

@@ -322,6 +322,11 @@ class LowRankLayer(AdapterMethods):
     def _layout(self):
         return type(self).kernel_layout(self)
 
+    def _frozen_base_variables(self):
+        """The base weights an adapter layer never trains: its kernel
+        (ReversibleEmbedding adds its separate output table)."""
+        return [self._kernel_variable()]
+
     def _kernel_variable(self):
         return type(self).kernel_variable(self)
 

@@ -25,6 +25,25 @@ def is_adapter_layer(layer):
     return getattr(type(layer), "_is_lowrank_layer", False)
 
 
+# What a class that only re-exports its base (KerasHub's
+# `ReversibleEmbedding(keras.layers.ReversibleEmbedding): pass`) defines.
+_ALIAS_ATTRIBUTES = {
+    "__module__", "__doc__", "__qualname__", "__firstlineno__",
+    "__static_attributes__", "_api_export_path", "_api_export_symbol_id",
+}
+
+
+def plain_class(layer_type):
+    """`layer_type`, or the class it merely re-exports: a subclass that
+    defines nothing of its own behaves exactly as its base, so it is adapted
+    as its base (and gets its own class back from `revert`)."""
+    while set(vars(layer_type)) <= _ALIAS_ATTRIBUTES and len(
+        layer_type.__bases__
+    ) == 1:
+        layer_type = layer_type.__bases__[0]
+    return layer_type
+
+
 def check_convertible(cls, layer, path=None):
     """See `LowRankLayer.check_convertible`."""
     path = path or path_of(layer)
@@ -37,7 +56,7 @@ def check_convertible(cls, layer, path=None):
                 "`add_adapter` method to add another adapter."
             )
         return
-    if type(layer) is not cls.base_class:
+    if plain_class(type(layer)) is not cls.base_class:
         kind = (
             "a subclass, whose own `call` would be lost"
             if isinstance(layer, cls.base_class)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lowrank import adapter_math
 from keras_lowrank import keras_private
 from keras_lowrank.layers import quantized
 from keras_lowrank.layers.base import LowRankLayer
@@ -54,6 +55,8 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
     """
 
     base_class = keras.layers.Embedding
+    # Can hold token-rows adapters (`AdapterSpec.for_tokens`).
+    takes_token_rows = True
 
     def __init__(self, input_dim, output_dim, adapter=None, **kwargs):
         options, state = self.split_adapter_options(kwargs)
@@ -82,6 +85,10 @@ class LowRankEmbedding(LowRankLayer, keras.layers.Embedding):
         return KernelLayout(shape, (), (0,), (1,))
 
     def _data_free_factors(self, spec, layout, seed):
+        if spec.is_token_rows:
+            return adapter_math.token_row_factors(
+                spec.token_ids, *layout.kernel_shape
+            )
         stddev = 1.0 if spec.init == "default" else 1.0 / spec.rank
         a = ops.zeros(layout.a_shape(spec.rank), "float32")
         b = keras.random.normal(

@@ -31,6 +31,7 @@ from keras_lowrank.surgery.adapt_checks import check_plan
 from keras_lowrank.surgery.adapt_checks import kept_paths
 from keras_lowrank.surgery.adapt_checks import options_record
 from keras_lowrank.surgery.adapt_checks import spec_for
+from keras_lowrank.surgery.token_targets import token_plan
 from keras_lowrank.surgery.walk import walk
 
 BIAS_POLICIES = ("none", "lora_only", "all")
@@ -53,6 +54,7 @@ def adapt(
     alpha_pattern=None,
     seed=None,
     modules_to_save=None,
+    trainable_tokens=None,
 ):
     """Adds a low-rank adapter to `model`'s layers, in place, and freezes the
     rest.
@@ -96,6 +98,15 @@ def adapt(
         alpha_pattern: `{pattern: alpha}`, likewise.
         seed: optional int seed for the initial factors.
         modules_to_save: PEFT's name for `trainable`; pass one or the other.
+        trainable_tokens: embedding rows that train, as PEFT's
+            `trainable_token_indices`: a list of token ids (rows of the
+            token embedding: a KerasHub backbone's `token_embedding`, else
+            the model's only Embedding) or `{layer: [ids]}`. Only those rows'
+            change trains (a `len(ids)`×width delta, never the table); a tied
+            KerasHub table's logits see it too. The rows belong to the
+            adapter `name`: they switch, merge, save and load with it. With
+            `targets=[]` only the rows train (PEFT's
+            `TrainableTokensConfig`).
 
     Returns:
         `model`.
@@ -142,19 +153,24 @@ def adapt(
     alpha_pattern = targeting.check_pattern("alpha_pattern", alpha_pattern)
     # MoE expert kernels are layers of their own while a verb runs.
     with moe.prepared(model):
-        chosen = targeting.select_layers(model, targets, exclude)
+        if targets == [] and trainable_tokens is not None:
+            chosen = []  # the rows alone (PEFT's TrainableTokensConfig)
+        else:
+            chosen = targeting.select_layers(model, targets, exclude)
         ranks = targeting.pattern_layers(model, chosen, "rank_pattern", rank_pattern)
         alphas = targeting.pattern_layers(model, chosen, "alpha_pattern", alpha_pattern)
         plan = [
             (visit, spec_for(visit, base_spec, ranks, alphas, alpha is not None))
             for visit in chosen
         ]
+        plan += token_plan(model, trainable_tokens, chosen)
         check_plan(model, plan, name)
         kept = kept_paths(model, trainable, plan)
         record = options_record(
             rank, alpha, targets, exclude, dropout, scaling, method, init,
             bias, trainable, rank_pattern, alpha_pattern,
             [visit.path for visit, _ in plan], kept,
+            {v.path: s.token_ids for v, s in plan if s.is_token_rows},
         )
         install(model, name, plan, record, seed=seed)
     return model

@@ -13,6 +13,7 @@ import keras
 
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
+from keras_lowrank.layers.token_rows import check_token_rows
 from keras_lowrank.state import owned
 from keras_lowrank.state.model_state import adapted_visits
 from keras_lowrank.state.model_state import own_state
@@ -93,6 +94,7 @@ def check_plan(model, plan, name):
                 "or keras_lowrank.delete_adapter(model, name) first."
             )
         layout = cls.kernel_layout(layer)
+        check_token_rows(cls, layout, spec, visit.path)
         layout.check_rank(spec.rank, visit.path, ", or a rank_pattern for this layer")
         cls.check_spec(spec, visit.path)
 
@@ -156,12 +158,13 @@ def check_not_nested(model):
 
 def options_record(
     rank, alpha, targets, exclude, dropout, scaling, method, init, bias,
-    trainable, rank_pattern, alpha_pattern, paths, kept,
+    trainable, rank_pattern, alpha_pattern, paths, kept, tokens=None,
 ):
     """adapt()'s arguments as JSON-ready data (targets as given, and the
     layer paths they resolved to; `trainable` as given, and the layer paths
-    it resolved to)."""
-    return {
+    it resolved to; `tokens`, `{path: [ids]}`, the rows each table trains,
+    recorded only when there are any)."""
+    record = {
         "rank": int(rank),
         "alpha": float(alpha) if isinstance(alpha, numbers.Real) else alpha,
         "targets": targeting.describe(targets),
@@ -177,6 +180,11 @@ def options_record(
         "layers": list(paths),
         "kept": list(kept),
     }
+    if tokens:
+        record["trainable_tokens"] = {
+            path: [int(i) for i in ids] for path, ids in tokens.items()
+        }
+    return record
 
 
 def _pattern_record(pattern):

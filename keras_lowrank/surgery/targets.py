@@ -187,16 +187,17 @@ def select_layers(model, targets, exclude=None):
     return chosen
 
 
-def select_any_layers(model, names):
+def select_any_layers(model, names, argument="trainable"):
     """Layers named by `names` (same forms as targets), adaptable or not:
-    used for `trainable=[...]`. Every entry must match something."""
+    used for `trainable=[...]` (and `trainable_tokens` keys, with
+    `argument` naming them in messages). Every entry must match something."""
     visits = walk(model)
     head = _Head(model, visits)
     out = []
     for entry in _as_list(names):
         matched, _ = _match_one(visits, head, entry)
         if not matched:
-            _unmatched(model, visits, "trainable", entry)
+            _unmatched(model, visits, argument, entry)
         out.extend(v for v in matched if v not in out)
     return out
 
