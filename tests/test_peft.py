@@ -742,7 +742,7 @@ def test_export_refusals(decoders, tmp_path):
 
     kept = decoder.keras()
     keras_lowrank.adapt(kept, rank=2, targets=["query"], trainable=["token_embedding"])
-    with pytest.raises(ValueError, match=r"layer 'llama3_backbone/token_embedding' trains fully .* no counterpart in the llama table"):
+    with pytest.raises(ValueError, match=re.escape("layer 'llama3_backbone/token_embedding' (the token embedding) trains fully; keras_lowrank exports token embeddings as trainable_token_indices rows only. Re-adapt with trainable_tokens=[ids] instead.")):
         keras_lowrank.export_peft_adapter(kept, tmp_path / "g")
 
 

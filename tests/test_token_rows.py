@@ -409,3 +409,45 @@ def test_keras_file_round_trip_in_a_fresh_process_on_another_backend(tmp_path):
     assert diff <= 1e-5
     assert kind == "LowRankReversibleEmbedding"
     assert trainable == ["lowrank_B_default"]
+
+
+def test_stacked_switching_serves_tied_rows_exactly():
+    model = _gemma()
+    x = _lm_batch()
+    keras_lowrank.adapt(model, rank=2, trainable_tokens=[IDS[0]], name="a")
+    keras_lowrank.adapt(model, rank=2, trainable_tokens=[IDS[1]], name="b")
+    expected = {}
+    for seed, name in enumerate(("a", "b")):
+        _random_rows(model.backbone.token_embedding, name, seed=seed)
+        keras_lowrank.set_adapter(model, name)
+        expected[name] = model_kinds.outputs(model, x)
+    assert max_diff(expected["a"], expected["b"]) > 1e-3
+    keras_lowrank.stack_adapters(model)
+    for name in ("b", "a"):
+        keras_lowrank.set_adapter(model, name)
+        assert max_diff(model_kinds.outputs(model, x), expected[name]) <= 1e-5
+
+
+def test_quantizing_a_tied_table_with_rows_is_refused_unchanged():
+    model = _gemma()
+    keras_lowrank.adapt(model, rank=2, trainable_tokens=IDS)
+    before = model_kinds.fingerprint(model)
+    with pytest.raises(ValueError) as caught:
+        model.quantize("int8")
+    assert str(caught.value) == (
+        "keras_lowrank: layer 'token_embedding': a ReversibleEmbedding "
+        "quantized ('int8') cannot hold adapters: its logits are Keras's own "
+        "quantized product, which an adapter cannot join. Keep this table in "
+        "float (adapt the float model; model.quantize(..., filters=...) "
+        "without it), or leave it out of the adapter."
+    )
+    assert model_kinds.fingerprint(model) == before
+    quantized = _gemma()
+    quantized.quantize("int8")
+    with pytest.raises(ValueError, match="a ReversibleEmbedding quantized"):
+        keras_lowrank.adapt(quantized, rank=2, trainable_tokens=IDS)
+    assert not hasattr(quantized, "_keras_lowrank")
+
+
+def max_diff(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())

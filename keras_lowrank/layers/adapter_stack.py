@@ -165,9 +165,7 @@ class AdapterStack:
         if training:
             raise errors.stacked_training(where(layer.path))
         if not self.per_row:
-            a, b = adapter_math.routed_factors(
-                self.a, self.b, getattr(layer, SLOT_ATTR)
-            )
+            a, b = self.routed()
             if forward.folds_for_inference(layer, inputs, [], training):
                 # As unstacked: x·(W + A·B) moves less memory for many rows.
                 layout = layer._layout()
@@ -189,6 +187,12 @@ class AdapterStack:
                 dtype=layer.compute_dtype,
             )
         return ops.add(base, ops.cast(side, base.dtype))
+
+    def routed(self):
+        """`(A, B)` of the slot every row uses (the scale is in `B`)."""
+        return adapter_math.routed_factors(
+            self.a, self.b, getattr(self.layer, SLOT_ATTR)
+        )
 
     def _rows_output(self, inputs):
         layer, layout = self.layer, self.layer._layout()

@@ -101,6 +101,10 @@ def check_quantizable(layer, mode):
         return
     path = layer.path
     check_mode(mode, path, "quantize an adapted layer to")
+    # A class whose adapted forward pass has no quantized form refuses here.
+    refuse = getattr(type(layer), "refuse_quantized", None)
+    if refuse is not None:
+        refuse(path, mode)
     if layer.merged_adapters:
         raise ValueError(
             f"{where(path)}: adapters {layer.merged_adapters} are merged "

@@ -68,15 +68,35 @@ if ReversibleEmbedding is not None:
                     "method='lora' for this layer, or exclude it."
                 )
 
+        @staticmethod
+        def refuse_quantized(path, mode):
+            """The one refusal of a quantized table, before adapting and
+            before `quantize` (see `quantized.check_quantizable`)."""
+            raise ValueError(
+                f"{where(path)}: a ReversibleEmbedding quantized ({mode!r}) "
+                "cannot hold adapters: its logits are Keras's own quantized "
+                "product, which an adapter cannot join. Keep this table in "
+                "float (adapt the float model; model.quantize(..., "
+                "filters=...) without it), or leave it out of the adapter."
+            )
+
         @classmethod
         def _check_geometry(cls, layer, path):
             if layer.quantization_mode is not None:
-                raise ValueError(
-                    f"{where(path)}: the ReversibleEmbedding is quantized "
-                    f"({layer.quantization_mode!r}); its logits are Keras's "
-                    "own quantized product, which an adapter cannot join. "
-                    "Adapt the float model, or leave this layer out."
-                )
+                cls.refuse_quantized(path, layer.quantization_mode)
+
+        def _logit_factors(self):
+            """`(A, B, scale)` of each update the logits add: the live
+            adapters, or the stacked slot while serving (whose scale is in
+            `B`; mixed-row batches do not cover embeddings)."""
+            aset = self._lowrank
+            if aset.stack is not None:
+                return [(*aset.stack.routed(), 1.0)]
+            return [
+                (aset.variables(n)["A"], aset.variables(n)["B"],
+                 aset.specs[n].scale)
+                for n in aset.live()
+            ]
 
         def _frozen_base_variables(self):
             extra = getattr(self, "reverse_embeddings", None)
@@ -90,7 +110,6 @@ if ReversibleEmbedding is not None:
             return self._logits(inputs)
 
         def _logits(self, inputs):
-            aset = self._lowrank
             kernel = (
                 ops.transpose(self.embeddings)
                 if self.tie_weights
@@ -100,21 +119,10 @@ if ReversibleEmbedding is not None:
             inputs = ops.cast(inputs, dtype)
             logits = ops.matmul(inputs, ops.cast(kernel, dtype))
             if self.tie_weights:
-                if aset.stack is not None and aset.live():
-                    raise ValueError(
-                        f"{where(aset.path)}: stacked (per-example) adapters "
-                        "on a tied ReversibleEmbedding's logits are not "
-                        "supported. Merge the adapters of this layer, or "
-                        "leave it out of the adapters you stack."
-                    )
-                for name in aset.live():
-                    variables = aset.variables(name)
+                for a, b, scale in self._logit_factors():
                     # ΔEᵀ = Bᵀ·Aᵀ: the logits' share, in low rank.
                     logits = ops.add(logits, adapter_math.lowrank_contribution(
-                        inputs,
-                        ops.transpose(variables["B"]),
-                        ops.transpose(variables["A"]),
-                        aset.specs[name].scale,
+                        inputs, ops.transpose(b), ops.transpose(a), scale,
                         dtype=dtype,
                     ))
             if self.logit_soft_cap is not None:

@@ -25,6 +25,8 @@ from keras_lowrank.integrations.peft.mapping import first
 from keras_lowrank.integrations.peft.mapping import linear_weight
 from keras_lowrank.integrations.peft.mapping import most_common
 from keras_lowrank.integrations.peft.mapping import peft_factors
+from keras_lowrank.integrations.peft.token_rows import FIELD as TOKEN_FIELD
+from keras_lowrank.integrations.peft.token_rows import export_token_rows
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.state.model_state import state_of
@@ -100,7 +102,16 @@ def _gather(model, name, module_prefix, base_model_name_or_path, verb):
     state = state_of(model)
     name = _pick_adapter(model, state, name, verb)
     prefix = _export_prefix(target, module_prefix, verb)
-    entries, expert_visits = _mapped_layers(model, target, name, prefix, verb)
+    entries, expert_visits, token_visits = _mapped_layers(
+        model, target, name, prefix, verb
+    )
+    if not entries and not expert_visits:
+        fail(
+            f"{verb}: adapter {name!r} trains token rows only; a PEFT LoRA "
+            "folder needs LoRA modules beside its trainable_token_indices. "
+            "Adapt with targets as well (adapt(..., trainable_tokens=...) "
+            "with the default targets)."
+        )
     spec = _one_config(
         entries + [(visit, None) for visit in expert_visits], name, verb
     )
@@ -126,6 +137,10 @@ def _gather(model, name, module_prefix, base_model_name_or_path, verb):
         ranks[module], alphas[module] = layer_spec.rank, layer_spec.alpha
     lora_modules = set(ranks)
     tensors.update(expert_tensors)
+    token_tensors, token_ids = export_token_rows(
+        [v for v, _ in token_visits], [m for _, m in token_visits], name, verb
+    )
+    tensors.update(token_tensors)
 
     to_save = _export_kept(target, state, prefix, lora_modules, tensors, verb)
     if bias_policy == "all":
@@ -137,17 +152,21 @@ def _gather(model, name, module_prefix, base_model_name_or_path, verb):
     )
     if parameters:
         config["target_parameters"] = parameters
+    if token_ids:
+        config[TOKEN_FIELD] = token_ids
     return config, tensors
 
 
 def _mapped_layers(model, target, name, prefix, verb):
     """`(visit, transformers module name)` for each layer holding adapter
-    `name`, every one an `nn.Linear` of the table, and the expert kernels
-    holding it (`experts.export_experts` names those)."""
+    `name`, every one an `nn.Linear` of the table; the expert kernels
+    holding it (`experts.export_experts` names those); and the token
+    embedding's rows, `(visit, module)`, when the adapter trains some."""
     from keras_lowrank.state.model_state import adapted_visits
 
     entries = []
     experts = []
+    tokens = []
     unmapped = []
     for visit in adapted_visits(model):
         if name not in visit.layer.adapter_names:
@@ -156,6 +175,10 @@ def _mapped_layers(model, target, name, prefix, verb):
             experts.append(visit)
             continue
         hit = target.hf_name(visit.path, prefix)
+        if visit.layer.adapter_spec(name).is_token_rows and hit is not None:
+            if hit[0] == "embedding":
+                tokens.append((visit, hit[1]))
+                continue
         if hit is None or hit[0] != "linear":
             unmapped.append(visit.path)
         else:
@@ -168,7 +191,7 @@ def _mapped_layers(model, target, name, prefix, verb):
             "targets only attention and MLP projections (delete and re-adapt "
             "without those layers)."
         )
-    return entries, experts
+    return entries, experts, tokens
 
 
 def _one_config(entries, name, verb):
@@ -267,6 +290,13 @@ def _export_kept(target, state, prefix, lora_modules, tensors, verb):
                 "before exporting."
             )
         kind, module = hit
+        if kind == "embedding":
+            fail(
+                f"{verb}: layer '{kept}' (the token embedding) trains fully; "
+                "keras_lowrank exports token embeddings as "
+                "trainable_token_indices rows only. Re-adapt with "
+                "trainable_tokens=[ids] instead."
+            )
         if module in lora_modules:
             fail(f"{verb}: module '{module}' is both adapted and kept.")
         if kind == "norm":

@@ -58,10 +58,6 @@ _MUST_BE_NEUTRAL = {
         (None, {}),
         "MonteCLoRA samples the factors",
     ),
-    "trainable_token_indices": (
-        (None, [], {}),
-        "trainable_token_indices trains single embedding rows",
-    ),
     "megatron_config": ((None, {}), "Megatron-parallel LoRA layers"),
 }
 
@@ -75,7 +71,7 @@ _UNDERSTOOD = {
     "base_model_name_or_path", "revision", "task_type", "inference_mode",
     "auto_mapping", "peft_version", "layers_to_transform", "layers_pattern",
     "qalora_group_size", "megatron_core", "ensure_weight_tying",
-    "target_parameters",
+    "target_parameters", "trainable_token_indices",
     "runtime_config", "eva_config", "corda_config", "lora_ga_config",
     "loftq_config", "velora_config",
 }

@@ -11,6 +11,7 @@ import os
 import keras
 
 from keras_lowrank.integrations import keras_hub as hub_integration
+from keras_lowrank.integrations.peft.token_rows import assign_rows
 from keras_lowrank.integrations import moe
 from keras_lowrank.integrations.peft import format as peft_format
 from keras_lowrank.integrations.peft.format import fail
@@ -92,8 +93,9 @@ def load_peft_adapter(model, path, name=None):
 def _apply(model, target, config, plan, name):
     from keras_lowrank.surgery.adapt import adapt
 
-    rank = most_common(p.rank for p in plan.loras)
-    alpha = most_common(p.alpha for p in plan.loras)
+    # A file of token rows alone has no rank: adapt()'s defaults then.
+    rank = most_common(p.rank for p in plan.loras) if plan.loras else 8
+    alpha = most_common(p.alpha for p in plan.loras) if plan.loras else None
     # Explicit per-layer values only where they differ from the default
     # (always both, so that adapt() never re-derives alpha from rank).
     odd = [p for p in plan.loras if (p.rank, p.alpha) != (rank, alpha)]
@@ -123,6 +125,9 @@ def _apply(model, target, config, plan, name):
             name=name,
             rank_pattern={p.path: p.rank for p in odd} or None,
             alpha_pattern={p.path: p.alpha for p in odd} or None,
+            trainable_tokens={
+                path: ids for path, (_, ids, _) in plan.tokens.items()
+            } or None,
         )
         # The joined adapt() does not refresh; the new adapter must hold
         # the weights it owns (biases under bias="lora_only"/"all", kept
@@ -134,3 +139,5 @@ def _apply(model, target, config, plan, name):
                 variables[key].assign(value)
         for variable, value, _ in plan.assigns:
             variable.assign(keras.ops.cast(value, variable.dtype))
+        for layer, ids, rows in plan.tokens.values():
+            assign_rows(layer, name, ids, rows)

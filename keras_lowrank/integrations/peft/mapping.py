@@ -103,7 +103,11 @@ class Target:
         return cls(model, arch, backbone, prefix + "/", task)
 
     def _tables(self):
-        return (("linear", self.arch.linear), ("norm", self.arch.norms))
+        return (
+            ("linear", self.arch.linear),
+            ("norm", self.arch.norms),
+            ("embedding", self.arch.embeddings),
+        )
 
     def _heads(self):
         return self.task.heads if self.task else ()

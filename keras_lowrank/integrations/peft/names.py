@@ -108,6 +108,8 @@ class Architecture:
             `transformers` models, refused with a specific message.
         experts: the MoE expert banks PEFT adapts with
             `target_parameters` (`Experts`), `None` without any.
+        embeddings: the token embedding, whose rows PEFT's
+            `trainable_token_indices` trains.
     """
 
     name: str
@@ -117,6 +119,7 @@ class Architecture:
     tasks: dict = dataclasses.field(default_factory=dict)
     fused: tuple = ()
     experts: object = None
+    embeddings: tuple = ()
 
     @property
     def prefixes(self):
@@ -206,6 +209,7 @@ def _decoder(name, backbones, block, attention, mlp, experts=None):
         # Phi-3 style fused projections.
         fused=("qkv_proj", "gate_up_proj"),
         experts=experts,
+        embeddings=(Module("embed_tokens", "token_embedding"),),
     )
 
 

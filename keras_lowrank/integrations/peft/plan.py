@@ -22,6 +22,7 @@ from keras_lowrank.integrations.peft.mapping import first
 from keras_lowrank.integrations.peft.mapping import kernel_from_linear
 from keras_lowrank.integrations.peft.mapping import keras_factors
 from keras_lowrank.integrations.peft.mapping import linear_adapter_class
+from keras_lowrank.integrations.peft.token_rows import plan_token_rows
 from keras_lowrank.surgery.walk import find_layer
 
 
@@ -56,11 +57,14 @@ class _Plan:
         assigns: `(variable, value, what)` for the plain tensors (biases,
             `modules_to_save` weights), each value in the variable's shape.
         kept: the Keras paths of the `modules_to_save` layers.
+        tokens: `{keras path: (layer, ids, rows)}`, the token rows
+            (`trainable_token_indices`) with their values.
     """
 
     loras: list
     assigns: list
     kept: list
+    tokens: dict = dataclasses.field(default_factory=dict)
 
 
 _SUFFIXES = (
@@ -117,6 +121,7 @@ def plan_load(target, config, tensors, verb):
     """
     # MoE expert parameters (target_parameters) first; the rest are modules.
     expert_loras, tensors = plan_experts(target, config, tensors, verb)
+    tokens, tensors = plan_token_rows(target, config, tensors, verb)
     modules = {}
     strays = []
     # Sorted, so that the first problem reported does not depend on the
@@ -188,9 +193,9 @@ def plan_load(target, config, tensors, verb):
         if saved:
             kept.append(path)
     loras.extend(expert_loras)
-    if not loras:
+    if not loras and not tokens:
         fail(f"{verb}: the file holds no LoRA factors (lora_A/lora_B).")
-    return _Plan(loras, assigns, kept)
+    return _Plan(loras, assigns, kept, tokens)
 
 
 def _refuse_unknown(target, config, unknown, verb):
@@ -325,6 +330,12 @@ def _plan_lora(config, key, path, layer, kind, parts, verb):
 def _plan_plain(key, path, layer, kind, parts, verb):
     """Assignments of plain (bias="all" or modules_to_save) tensors."""
     out = []
+    if kind == "embedding":
+        fail(
+            f"{verb}: the file holds the whole token embedding '{key}' "
+            "(modules_to_save); keras_lowrank reads its rows as "
+            "trainable_token_indices only."
+        )
     if kind == "norm":
         if not isinstance(layer, keras.layers.LayerNormalization):
             fail(
