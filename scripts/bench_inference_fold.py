@@ -5,7 +5,7 @@
 Builds three MiniLM classifiers (`keras-lowrank bench`'s workload, batch
 8 x 128): the base model, and two copies adapted on every linear layer at
 r = 8 with non-zero `B`: one as shipped (an inference call computes
-`x·(W + s·A·B)` when the batch has at least `d` rows), one with that fold
+`x·(W + s·A·B)` when `N·(d + k) >= d·k` for its N rows), one with that fold
 switched off per layer (`_folds_in_inference = False`: the side path
 `x·W + s·(x·A)·B`). `predict_on_batch` runs interleaved; prints medians and
 ratios to the base model.

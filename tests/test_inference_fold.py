@@ -1,7 +1,7 @@
 """Inference may add plain LoRA adapters to the kernel (`x·(W + s·A·B)`)
-instead of computing them on the side: only for `training=False`, at least
-`d` input rows, float32 compute, unquantized kernels and LoRA (not DoRA);
-the output equals the side path's."""
+instead of computing them on the side: only for `training=False`, enough
+input rows (`N·(d + k) >= d·k`), float32 compute, unquantized kernels and
+LoRA (not DoRA); the output equals the side path's."""
 
 import keras
 import numpy as np
@@ -50,7 +50,7 @@ def _x(rows_per_batch, seed=1):
 @pytest.mark.parametrize("kind", ["dense", "einsum"])
 def test_inference_with_many_rows_folds_and_equals_the_side_path(kind, folds):
     layer = _layer(kind)
-    x = _x(4)  # 8 rows >= d = 5
+    x = _x(4)  # 8 rows: 8·(5 + 6) >= 5·6
     side = keras.ops.convert_to_numpy(layer(x))  # training=None: side path
     assert folds == []
     folded = keras.ops.convert_to_numpy(layer(x, training=False))
@@ -79,7 +79,8 @@ def test_several_active_adapters_fold_together(kind, folds):
 @pytest.mark.parametrize(
     "why, make, rows, training",
     [
-        ("fewer rows than d", lambda: _layer("dense"), 2, False),
+        # 2 rows: 2·(5 + 6) < 5·6, the side path moves less.
+        ("too few rows", lambda: _layer("dense"), 1, False),
         ("training", lambda: _layer("dense"), 4, True),
         ("training unspecified", lambda: _layer("dense"), 4, None),
         ("DoRA", lambda: _layer("dense", method="dora"), 4, False),

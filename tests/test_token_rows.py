@@ -317,6 +317,57 @@ def test_targets_empty_trains_the_rows_alone():
         keras_lowrank.adapt(_model("two_tables"), targets=[])
 
 
+@keras.saving.register_keras_serializable(package="test_token_rows")
+class _Tagger(keras.Model):
+    """A subclassed model whose embedding sits inside it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.table = keras.layers.Embedding(50, 8, name="table")
+        self.hidden = keras.layers.Dense(8, name="hidden")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, ids):
+        return self.head(self.hidden(self.table(ids)))
+
+
+def _kind(kind):
+    if kind == "subclassed":
+        model = _Tagger()
+        model(np.zeros((1, 4), "int32"))
+        return model
+    if kind == "functional":
+        ids = keras.Input((4,), dtype="int32")
+        hidden = keras.layers.Dense(8, name="hidden")(
+            keras.layers.Embedding(50, 8, name="table")(ids)
+        )
+        return keras.Model(ids, keras.layers.Dense(3, name="head")(hidden))
+    return keras.Sequential([
+        keras.Input((4,), dtype="int32"),
+        keras.layers.Embedding(50, 8, name="table"),
+        keras.layers.Dense(8, name="hidden"),
+        keras.layers.Dense(3, name="head"),
+    ])
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_rows_merge_exactly_and_round_trip_in_adapter_files(kind, tmp_path):
+    x = np.array([[45, 3, 7, 7], [1, 2, 3, 45]], "int32")
+    keras.utils.set_random_seed(1)
+    model = _kind(kind)
+    keras_lowrank.adapt(model, rank=2, targets=["hidden"], trainable_tokens=IDS)
+    table = [l for l in model._flatten_layers() if l.name == "table"][0]
+    _random_rows(table)
+    expected = model_kinds.outputs(model, x)
+    keras_lowrank.save_adapter(model, str(tmp_path / "rows.safetensors"))
+    keras_lowrank.merge(model)
+    assert max_diff(model_kinds.outputs(model, x), expected) <= 1e-5
+    keras.utils.set_random_seed(1)
+    fresh = _kind(kind)
+    keras_lowrank.load_adapter(fresh, str(tmp_path / "rows.safetensors"))
+    assert max_diff(model_kinds.outputs(fresh, x), expected) <= 1e-5
+
+
 # --- a tied KerasHub model ----------------------------------------------------------
 
 

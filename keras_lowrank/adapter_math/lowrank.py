@@ -4,6 +4,7 @@ Part of `keras_lowrank.adapter_math` (conventions in its docstring).
 """
 
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -145,7 +146,13 @@ def lowrank_delta(a, b, scale):
     """
     a = ops.cast(a, "float32")
     b = ops.cast(b, "float32")
-    return ops.multiply(ops.matmul(a, b), scale)
+    if isinstance(scale, numbers.Real) and scale == 1.0:
+        return ops.matmul(a, b)
+    # The scale goes on the smaller factor, not on the `d×k` product: one
+    # kernel-sized pass less per merge and per folded inference call.
+    if math.prod(a.shape) <= math.prod(b.shape):
+        return ops.matmul(ops.multiply(a, scale), b)
+    return ops.matmul(a, ops.multiply(b, scale))
 
 
 def merge_kernel(w, delta):

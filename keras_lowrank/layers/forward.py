@@ -44,11 +44,14 @@ def folds_for_inference(layer, inputs, pending, training):
     """Whether this inference call computes `x·(W + ΣΔW)` instead of
     `x·W + Σ s·(x·A)·B`.
 
-    Both are exact; they differ in memory traffic. The side path adds an
-    `N×k` output to another and runs two thin products; folding adds one
-    `d×k` matrix to the kernel. With `N ≥ d` input rows folding moves less
-    memory: on MiniLM (N = 1024, d = 384) under PyTorch the side path made
-    unmerged inference 1.27x the base model's. Only for `training=False` (as
+    Both are exact; they differ in memory traffic. The side path re-reads
+    the `N×d` input and adds an `N×k` output to another (two thin products);
+    folding forms and adds one `d×k` matrix. So it folds when
+    `N·(d + k) >= d·k`: on MiniLM (N = 1024) every projection, the
+    1536→384 output ones included (the first rule, `N >= d`, left those on
+    the side path); for generation (a few rows) the side path. On MiniLM
+    under PyTorch the side path alone made unmerged inference 1.27x the base
+    model's. Only for `training=False` (as
     `predict` passes; `fit` passes `training=True`, and training never forms
     `W + ΔW`), for plain LoRA adapters on a float32 compute dtype (a bfloat16
     `W + ΔW` would round small updates away) and an unquantized kernel, and
@@ -65,7 +68,10 @@ def folds_for_inference(layer, inputs, pending, training):
         return False
     layout = layer._layout()
     rows = math.prod(shape) // max(1, layout.d * math.prod(layout.batch_shape))
-    return rows >= layout.d
+    # The side path re-reads the input and adds to the output, about
+    # N·(d + k) values more than the base; folding forms and adds one d×k
+    # matrix. Fold when that moves less.
+    return rows * (layout.d + layout.k) >= layout.d * layout.k
 
 
 def rematerialized(layer, keras_remat, layer_call):
