@@ -196,6 +196,15 @@ for variable in model.variables:
 """,
     "adapters.md:3": 'keras_lowrank.set_adapter(model, "sentiment")  # as block 1 left it',
     "adapting.md": "model = build_model()",
+    "adapting.md:2": """
+import keras_hub
+def tied_lm():
+    return keras_hub.models.Llama3CausalLM(keras_hub.models.Llama3Backbone(
+        vocabulary_size=64, num_layers=1, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32,
+        tie_word_embeddings=True), preprocessor=None)
+lm, other_lm, token_id = tied_lm(), tied_lm(), 60
+""",
     "layers.md": "dense = keras.layers.Dense(64); dense.build((None, 32))",
     "peft.md": 'hf_llama("path/to/hf-llama-folder", "path/to/peft-adapter")',
     "peft.md:1": """

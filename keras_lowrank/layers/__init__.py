@@ -27,10 +27,9 @@ ADAPTER_CLASSES = {
     keras.layers.Conv2D: LowRankConv2D,
     keras.layers.Conv3D: LowRankConv3D,
     # An MoE expert kernel (see `experts` and `integrations.moe`).
+    keras.layers.ReversibleEmbedding: LowRankReversibleEmbedding,
     ExpertKernel: LowRankExpertKernel,
 }
-if LowRankReversibleEmbedding is not None:  # Keras >= 3.15
-    ADAPTER_CLASSES[keras.layers.ReversibleEmbedding] = LowRankReversibleEmbedding
 
 
 def adapter_class_for(layer):
