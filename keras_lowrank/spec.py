@@ -88,7 +88,7 @@ class AdapterSpec:
             object.__setattr__(self, "alpha", self.rank)
         if self.token_ids is not None:
             object.__setattr__(
-                self, "token_ids", tuple(int(i) for i in self.token_ids)
+                self, "token_ids", tuple(check_token_ids(self.token_ids))
             )
 
     @classmethod
@@ -100,7 +100,7 @@ class AdapterSpec:
         >>> AdapterSpec.for_tokens([5, 9]).rank
         2
         """
-        check_token_ids(token_ids, path)
+        token_ids = check_token_ids(token_ids, path)
         return cls.checked(path, rank=len(token_ids), token_ids=token_ids)
 
     def validate(self, path=None):
@@ -329,9 +329,10 @@ def check_seed(seed, path=None):
 
 
 def check_token_ids(token_ids, path=None):
-    """Raises unless `token_ids` is a non-empty sequence of distinct
-    non-negative ints (the one check of token ids; the vocabulary range is
-    checked against the layer, in `layers.token_rows`).
+    """`token_ids` as a list of ints; raises unless it is a non-empty list,
+    tuple, range or 1-D array of distinct non-negative ints (the one check of
+    token ids; the vocabulary range is checked against the layer, in
+    `layers.token_rows`).
 
     Example:
 
@@ -341,6 +342,10 @@ def check_token_ids(token_ids, path=None):
     ValueError: keras_lowrank: token id 3 is listed twice in token_ids [3, 3]. List each embedding row once.
     """
     at = where(path)
+    if hasattr(token_ids, "tolist") and getattr(token_ids, "ndim", None) == 1:
+        token_ids = token_ids.tolist()  # a NumPy (or tensor) row of ids
+    if isinstance(token_ids, range):
+        token_ids = list(token_ids)
     if isinstance(token_ids, (str, bytes)) or not isinstance(
         token_ids, (list, tuple)
     ):
@@ -374,7 +379,7 @@ def check_token_ids(token_ids, path=None):
                 f"{list(token_ids)!r}. List each embedding row once."
             )
         seen.add(token_id)
-    return token_ids
+    return [int(i) for i in token_ids]
 
 
 def _check_choice(at, option, value, choices, extra=None):

@@ -87,6 +87,17 @@ def test_bad_token_specs_are_refused_with_the_fix(make, error, message):
     assert str(caught.value) == message
 
 
+def test_ids_may_come_as_a_numpy_row_or_a_range():
+    assert AdapterSpec.for_tokens(np.array([9, 2])).token_ids == (9, 2)
+    assert AdapterSpec.for_tokens(range(3, 5)).token_ids == (3, 4)
+    model = _model("sequential")
+    keras_lowrank.adapt(model, rank=2, targets=["hidden"],
+                        trainable_tokens=np.array([45, 3], "int64"))
+    assert model.get_layer("embedding").adapter_spec("default").token_ids == (45, 3)
+    with pytest.raises(TypeError, match="token_ids must be a list of token ids"):
+        AdapterSpec.for_tokens(np.array([[1, 2]]))
+
+
 def test_spec_config_round_trips_and_plain_specs_keep_their_config():
     spec = AdapterSpec.for_tokens([9, 2])
     config = spec.get_config()
@@ -222,6 +233,12 @@ ADAPT_REFUSALS = [
      "embedding has 50 rows (ids 0 to 49). Add the token to the tokenizer and "
      "grow the table first, or train a row the vocabulary already has (a "
      "reserved or unused token)."),
+    # The LoRA part refused: the rows' layer is left alone too.
+    ({"trainable_tokens": [1], "targets": ["hidden"],
+      "rank_pattern": {"hidden": 9}}, "sequential", ValueError,
+     "keras_lowrank: layer 'hidden': rank 9 is larger than min(d, k) = "
+     "min(8, 8) = 8 for this kernel (8, 8), so it is not low-rank. Use a rank "
+     "of at most 8, or a rank_pattern for this layer."),
     ({"trainable_tokens": list(range(9))}, "sequential", ValueError,
      "keras_lowrank: layer 'embedding': 9 trainable token rows are more than "
      "the embedding width 8, so they are no cheaper than the whole table. "

@@ -45,14 +45,14 @@ def token_plan(model, trainable_tokens, chosen):
     if isinstance(trainable_tokens, collections.abc.Mapping):
         entries = []
         for target, ids in trainable_tokens.items():
-            check_token_ids(ids)
+            ids = check_token_ids(ids)
             hits = targeting.select_any_layers(
                 model, [target], "trainable_tokens"
             )
             entries.extend((visit, ids) for visit in hits)
     else:
-        check_token_ids(trainable_tokens)
-        entries = [(_token_embedding(model), trainable_tokens)]
+        ids = check_token_ids(trainable_tokens)
+        entries = [(_token_embedding(model), ids)]
     plan, seen = [], {}
     lora = {id(visit.layer) for visit in chosen}
     for visit, ids in entries:
