@@ -30,6 +30,7 @@ is checked on the declared minimum (3.14) and on the newest tested release.
 | `Layer.__dict__["quantize"]` (per-instance wrapper), `type_check=` | `instance_quantize` | `layer.quantize(...)` / `model.quantize(...)` on adapter layers |
 | `Layer._is_quantized` | `mark_unquantized` | a dequantized layer reports `quantization_mode is None` |
 | `keras.src.backend.common.global_state` `"use_legacy_config"` | `legacy_h5_saving_in_progress` | refusing a legacy `.h5` save of an adapted model (it could never load) |
+| `keras.src.backend.common.global_state` `"current_call_ctx"`, `stateless_scope.get_stateless_scope` | `current_call_context`, `current_call_scope` | telling one outer Keras call from the next (the fused `x·[A₁|A₂]` product of sibling layers is reused only within one) |
 | `Optimizer._backend_update_step`, `_apply_weight_decay`, `_use_weight_decay` | `optimizer_update_hooks`, `set_optimizer_update_hooks`, `uses_weight_decay` | LoRA+: a second learning rate for the `B` factors |
 
 Example:
@@ -322,6 +323,33 @@ def uses_weight_decay(optimizer, variable):
 
 
 # --- saving ---------------------------------------------------------------------
+
+
+def current_call_context():
+    """The `CallContext` of the outermost Keras layer call running now, or
+    `None` outside any call.
+
+    Keras (3.0+) keeps it in the global attribute `"current_call_ctx"` from
+    the entry of the outermost `Layer.__call__` to its exit, so two calls of
+    a model have two contexts: `layers.shared_input` reuses a product of
+    sibling layers only inside one, where no variable can change in between.
+    There is no public way to ask.
+    """
+    from keras.src.backend.common import global_state
+
+    return global_state.get_global_attribute("current_call_ctx")
+
+
+def current_call_scope():
+    """What one forward pass shares: the `StatelessScope` while one is
+    active (JAX's `fit`/`predict` run the model in one, and there a
+    Functional model's layers each open their own call context), else the
+    outermost call context (`current_call_context`). Variables keep their
+    values within either. Keras 3.0+; no public way to ask.
+    """
+    from keras.src.backend.common import stateless_scope
+
+    return stateless_scope.get_stateless_scope() or current_call_context()
 
 
 def legacy_h5_saving_in_progress():

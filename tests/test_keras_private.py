@@ -273,3 +273,30 @@ def test_legacy_h5_saving_is_marked_by_a_global_attribute(tmp_path):
     model.save(str(tmp_path / "m.keras"))
     assert seen and not any(seen)
     assert not keras_private.legacy_h5_saving_in_progress()
+
+
+def test_the_call_scope_is_the_stateless_scope_or_the_outermost_call_context():
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen.append(keras_private.current_call_context())
+            return x
+
+    probe = Probe()
+    model = keras.Sequential([keras.Input((2,)), probe])
+    assert keras_private.current_call_context() is None
+    with keras.StatelessScope() as scope:
+        assert keras_private.current_call_scope() is scope
+    assert keras_private.current_call_scope() is None
+    model(np.ones((1, 2), "float32"))
+    model(np.ones((1, 2), "float32"))
+    assert seen and all(ctx is not None for ctx in seen)
+    assert seen[0] is not seen[-1], (
+        "keras.src.backend.common.global_state 'current_call_ctx' is not a "
+        "new object per outermost call"
+    )
+    assert keras_private.current_call_context() is None
+    with keras.StatelessScope() as scope:
+        assert keras_private.current_call_scope() is scope
+    assert keras_private.current_call_scope() is None

@@ -81,6 +81,9 @@ class AdapterSet:
         # `AdapterStack` that `call` computes with instead (see
         # `adapter_stack`); nothing trains then.
         self.stack = None
+        # The siblings that may share this layer's `x·A` product
+        # (`shared_input.InputGroup`), formed by every refresh.
+        self.input_group = None
 
     # --- reading ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from keras import ops
 from keras_lowrank import adapter_math
 from keras_lowrank import keras_private
 from keras_lowrank.layers import merging
+from keras_lowrank.layers import shared_input
 
 
 def call(layer, inputs, training=None):
@@ -35,6 +36,14 @@ def call(layer, inputs, training=None):
         return layer._finish_output(layer._kernel_output(inputs, kernel))
     base = layer._base_output(inputs)
     outputs = base
+    parts = shared_input.own_parts(layer, inputs, pending, training)
+    if parts is not None:  # `x·(s·A)` from the siblings' fused product
+        for name, h in zip(pending, parts):
+            b = ops.cast(aset.variables(name)["B"], layer.compute_dtype)
+            outputs = ops.add(
+                outputs, ops.cast(layer._contract_b(h, b), outputs.dtype)
+            )
+        return layer._finish_output(outputs)
     for name in pending:
         outputs = _add_adapter_output(layer, outputs, base, inputs, name, training)
     return layer._finish_output(outputs)

@@ -8,8 +8,10 @@ date, always in this order:
 
 1. the active set: each adapted layer gets the model's active adapters that
    it holds (none while disabled), the values adapters own (task heads,
-   biases) are swapped in (`owned.sync`), and the stacks of a model served
-   from stacked adapters are created, routed or removed (`stacks.sync`);
+   biases) are swapped in (`owned.sync`), the stacks of a model served
+   from stacked adapters are created, routed or removed (`stacks.sync`),
+   and sibling layers that may read one input are grouped for one fused
+   `x·[A₁|A₂|…]` product (`shared_input.sync`);
 2. trainability (`freezing.set_flags`);
 3. the compiled train/test/predict (and KerasHub generate) functions are
    dropped when what they were traced with changed (`graph_signature`:
@@ -32,6 +34,7 @@ inside the transaction, so a failing refresh is rolled back too.
 """
 
 from keras_lowrank.integrations import moe
+from keras_lowrank.layers import shared_input
 from keras_lowrank.state import compiled
 from keras_lowrank.state import owned
 from keras_lowrank.state import stacks
@@ -90,6 +93,7 @@ def push_active(model, state):
             layer.set_active_adapters(wanted)
     owned.sync(model, state)
     stacks.sync(model, state)
+    shared_input.sync(model, adapted_visits(model))
 
 
 def refresh(model, before=None, frozen_before=()):

@@ -63,6 +63,7 @@ from keras_lowrank import keras_private
 from keras_lowrank.layers import LowRankLayer
 from keras_lowrank.layers import adapter_class_for
 from keras_lowrank.layers import quantized as quantization
+from keras_lowrank.layers import shared_input
 from keras_lowrank.state import owned
 from keras_lowrank.io.keras_file import AdaptedModel
 from keras_lowrank.state.model_state import adapted_layers
@@ -272,6 +273,7 @@ class Snapshot:
             stacks.remove(adapted_visits(model))
         else:
             stacks.sync(model, self.state)
+        shared_input.sync(model, adapted_visits(model))
         self._restore_flags()
         if self.optimizer is not None and model.optimizer is not self.optimizer:
             model.optimizer = self.optimizer
