@@ -85,6 +85,22 @@ def test_flat_matmul_is_the_trailing_axes_product(x_shape, contracted_ndim,
     _close(out, expected)
 
 
+@pytest.mark.parametrize("x_shape,contracted_ndim", [((4, 6), 1), ((2, 3, 2, 3), 2)])
+def test_shared_projections_are_each_scaled_factors_product(x_shape, contracted_ndim):
+    rng = np.random.default_rng(2)
+    x = _rand(rng, *x_shape)
+    factors = [_rand(rng, 6, 2), _rand(rng, 6, 3), _rand(rng, 6, 1)]
+    scales = [2.0, 1.0, 0.25]
+    parts = am.shared_projections(x, factors, scales, "float32", contracted_ndim)
+    lead = x_shape[: len(x_shape) - contracted_ndim]
+    flat = x.astype("float64").reshape(-1, 6)
+    assert len(parts) == 3
+    for part, a, s in zip(parts, factors, scales):
+        expected = (s * flat @ a.astype("float64")).reshape(lead + (a.shape[1],))
+        assert tuple(part.shape) == lead + (a.shape[1],)
+        _close(part, expected)
+
+
 def test_lowrank_contribution_dropout_inactive_at_inference():
     rng = np.random.default_rng(1)
     x, a, b = _rand(rng, 4, 6), _rand(rng, 6, 2), _rand(rng, 2, 3)
@@ -480,6 +496,7 @@ TESTED = TESTED_ELSEWHERE | {
     "truncate_product",
     "relative_error",
     "scaling_factor",
+    "shared_projections",
     "lowrank_contribution",
     "flat_matmul",
     "adapter_dropout",

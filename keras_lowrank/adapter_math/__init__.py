@@ -30,6 +30,7 @@ from keras_lowrank.adapter_math.lowrank import lowrank_delta  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import merge_kernel  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import relative_error  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import scaling_factor  # noqa: F401
+from keras_lowrank.adapter_math.lowrank import shared_projections  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import truncate_product  # noqa: F401
 from keras_lowrank.adapter_math.lowrank import unmerge_kernel  # noqa: F401
 from keras_lowrank.adapter_math.routing import routed_factors  # noqa: F401
@@ -64,6 +65,7 @@ __all__ = [
     "merge_kernel",
     "relative_error",
     "scaling_factor",
+    "shared_projections",
     "truncate_product",
     "unmerge_kernel",
     "routed_factors",

@@ -122,6 +122,47 @@ def flat_matmul(x, w, contracted_ndim=1, out_shape=None):
     return ops.reshape(y, lead + tuple(out_shape or (w.shape[1],)))
 
 
+def shared_projections(x, factors, scales, dtype, contracted_ndim=1):
+    """`[x·(s₁·A₁), x·(s₂·A₂), …]` from one product `x·[s₁A₁|s₂A₂|…]`: the
+    rank-r intermediates of adapters that read the same input.
+
+    One `N×d×Σr` product costs about what one `N×d×r` product does on a
+    CPU, forward and backward (see `layers.shared_input`). Each scale is
+    folded into its `d×r` factor (in the factor's float32, before the cast
+    to `dtype`), not into the `N×r` intermediate; `s = 1` skips it.
+
+    Args:
+        x: `(*lead, *contracted)`, the input all the factors read.
+        factors: `A` factors, each `(d, r_i)` with `d` the product of the
+            contracted sizes.
+        scales: the float `s_i` of each factor.
+        dtype: the compute dtype the factors are cast to.
+        contracted_ndim: how many trailing axes of `x` are contracted.
+
+    Returns:
+        A list of `(*lead, r_i)` tensors, one per factor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.ones((2, 3), "float32")
+    >>> parts = shared_projections(
+    ...     x, [np.ones((3, 1), "float32"), np.ones((3, 2), "float32")],
+    ...     [2.0, 1.0], "float32")
+    >>> [keras.ops.convert_to_numpy(p)[0].tolist() for p in parts]
+    [[6.0], [3.0, 3.0]]
+    """
+    columns = []
+    for a, scale in zip(factors, scales):
+        if scale != 1:
+            a = ops.multiply(a, scale)
+        columns.append(ops.cast(a, dtype))
+    h = flat_matmul(x, ops.concatenate(columns, axis=-1), contracted_ndim)
+    sizes = [c.shape[-1] for c in columns]
+    cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return list(ops.split(h, cuts, axis=-1))
+
+
 def adapter_dropout(x, rate, training, seed=None):
     """Dropout on the adapter path only; returns `x` itself when inactive.
 

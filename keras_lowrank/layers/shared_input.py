@@ -31,10 +31,9 @@ How it stays exact and safe:
 - Only plain LoRA adapters without active dropout fuse (DoRA needs each
   layer's own norm; dropout draws a mask per adapter). A member that does
   not qualify at a call computes alone; the others still share.
-- The fused result is each part `x·(s·A)` (the scale folded into the `d×r`
-  factor, in float32, before the cast to the compute dtype); `B` is applied
-  by each member, so the output is the plain formula's up to rounding
-  (tested against it).
+- The product is `adapter_math.shared_projections` (each part `x·(s·A)`,
+  the scale folded into the `d×r` factor); `B` is applied by each member,
+  so the output is the plain formula's up to rounding (tested against it).
 """
 
 import weakref
@@ -173,11 +172,13 @@ def own_parts(layer, inputs, pending, training):
         group.leave(unread)
         if not group.fusing:
             return None
-    return _fuse(group, layer, inputs, pending, training, context)
+    return _fuse(group, layer, inputs, training, context)
 
 
-def _fuse(group, layer, inputs, pending, training, context):
-    contracted = layer._rows_contraction()
+def _fuse(group, layer, inputs, training, context):
+    """The caller `layer` forms the product for every member that qualifies
+    now (its own adapters are `layer._lowrank.live()`, the `pending` of
+    `forward.call`); keeps the others' parts for them."""
     d = layer._layout().d
     dtype = layer.compute_dtype
     members = [layer] + [
@@ -187,23 +188,16 @@ def _fuse(group, layer, inputs, pending, training, context):
     ]
     if len(members) < 2:
         return None
-    columns, owners = [], []
-    for member in members:
-        names = tuple(pending) if member is layer else tuple(member._lowrank.live())
+    owners = [(m, tuple(m._lowrank.live())) for m in members]
+    factors, scales = [], []
+    for member, names in owners:
+        aset = member._lowrank
         for name in names:
-            aset = member._lowrank
-            a = ops.reshape(aset.variables(name)["A"], (d, -1))
-            scale = aset.specs[name].scale
-            if scale != 1:
-                a = ops.multiply(a, scale)
-            columns.append(ops.cast(a, dtype))
-        owners.append((member, names))
-    h = adapter_math.flat_matmul(
-        inputs, ops.concatenate(columns, axis=-1), contracted
-    )
-    sizes = [c.shape[-1] for c in columns]
-    cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-    pieces = iter(ops.split(h, cuts, axis=-1))
+            factors.append(ops.reshape(aset.variables(name)["A"], (d, -1)))
+            scales.append(aset.specs[name].scale)
+    pieces = iter(adapter_math.shared_projections(
+        inputs, factors, scales, dtype, layer._rows_contraction()
+    ))
     parts = {
         id(member): (names, [next(pieces) for _ in names])
         for member, names in owners
