@@ -238,3 +238,34 @@ def test_every_compiled_function_follows_the_adapter_state(function, tmp_path):
     again = states(loaded)
     for key, value in out.items():
         np.testing.assert_allclose(again[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_signature_whose_variable_died_is_never_matched_again():
+    """Signatures name variables by id and keep only weak references to
+    them (so the record keeps no weight alive); a function traced with a
+    variable that died is dropped even when every id of the new signature
+    matches, since a newcomer may have taken the dead variable's id."""
+    import gc
+    import weakref
+
+    import keras
+
+    from keras_lowrank.state import compiled
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    compiled.follow(model, "a")
+    model.predict_function = "traced for a"
+    compiled.follow(model, "a")
+    assert model.predict_function == "traced for a"  # same graph: kept
+
+    class Weight:
+        pass
+
+    gone = Weight()
+    record = model.__dict__["_keras_lowrank_compiled"]
+    record.alive = ([weakref.ref(gone)], None)
+    del gone
+    gc.collect()
+    compiled.follow(model, "a")
+    assert model.predict_function is None
+    assert not record.cache  # and not put aside for a comeback either

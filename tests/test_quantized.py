@@ -385,6 +385,33 @@ def test_quantizing_an_adapted_model_to_float8_is_refused_whole():
     assert model.get_layer("hidden").quantization_mode is None
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_an_adapted_model_frees_its_float_kernels(mode):
+    """After `model.quantize`, nothing of keras_lowrank's keeps the replaced
+    float kernels alive (the compiled-function record held every variable:
+    an int8 SmolLM2 base kept a second float copy of the model in memory)."""
+    import gc
+    import weakref
+
+    model = _model()
+    keras_lowrank.adapt(model, rank=2, targets=["hidden"])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = _data()
+    model.predict_on_batch(x)  # traced functions for this graph exist
+    model.train_on_batch(x, y)
+    kernels = [weakref.ref(keras_lowrank.keras_private.kernel_of(model.get_layer(n)))
+               for n in ("hidden", "out")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.quantize(mode)
+    gc.collect()
+    assert [k() is None for k in kernels] == [True, True]
+    # The model still trains and predicts with its new integer kernels.
+    model.compile(optimizer="sgd", loss="mse")
+    assert np.isfinite(model.train_on_batch(x, y))
+    assert model.predict_on_batch(x).shape == (16, 4)
+
+
 def test_quantizing_merged_adapters_is_refused():
     model = _model()
     keras_lowrank.adapt(model, rank=2, targets=["hidden"])

@@ -627,8 +627,8 @@ def test_functions_of_a_graph_that_cannot_come_back_are_not_kept():
     model.predict(X, verbose=0)
     assert len(record.cache) == 1  # "a", without "b" now
     current = {id(v) for v in model.variables}
-    for _, (variables, _) in record.cache.values():
-        assert all(id(v) in current for v in variables)
+    for _, (refs, _) in record.cache.values():  # weak references
+        assert all(id(ref()) in current for ref in refs)
     kl.unload(model)
     assert not record.cache
 

@@ -16,16 +16,22 @@ is the one place that acts on that:
   `disable_adapters` of a stacked model), its functions come back: nothing
   is traced or compiled again.
 
-A cached function holds the variables of its signature alive, so a variable
-id in a signature can never be reused by another variable. Functions traced
-with a variable the model no longer has are dropped (that graph cannot come
-back), and at most `MAX_CACHED` signatures are kept per model, least
-recently used first out.
+A signature names variables by their ids, and Python reuses the id of an
+object that died; so each signature keeps weak references to its variables,
+and a signature one of whose variables died is never matched again. Weak,
+because this record must not keep a single weight alive: after
+`model.quantize(...)` replaced every float kernel, holding them would keep a
+second copy of the whole float model in memory (found on SmolLM2-135M: an
+int8 base used 1.08x the float base's peak memory instead of less).
+Functions traced with a variable the model no longer has are dropped (that
+graph cannot come back), and at most `MAX_CACHED` signatures are kept per
+model, least recently used first out.
 The train and test functions are never cached: they close over the
 optimizer and the compiled metrics, which a verb may replace.
 """
 
 import collections
+import weakref
 
 from keras_lowrank.surgery import freezing
 
@@ -41,7 +47,7 @@ class _Compiled:
 
     def __init__(self):
         self.traced_for = None
-        self.alive = None  # what `traced_for` names, held alive
+        self.alive = None  # weak references to what `traced_for` names
         self.cache = collections.OrderedDict()
 
 
@@ -72,7 +78,7 @@ def follow(model, signature):
         record = _Compiled()
         object.__setattr__(model, _ATTR, record)
     key = None if signature is None else (signature, _compile_options(model))
-    if key is not None and record.traced_for == key:
+    if key is not None and record.traced_for == key and _all_alive(record.alive):
         return
     if record.traced_for is not None:
         functions = {a: getattr(model, a, None) for a in CACHED}
@@ -106,8 +112,10 @@ def _drop_dead(model, record):
     (a deleted adapter, a removed stack): a variable never comes back, so
     neither can their graph, and they would keep its memory alive."""
     current = {id(v) for v in model.variables}
-    for key, (_, (variables, _)) in list(record.cache.items()):
-        if any(id(v) not in current for v in variables):
+    for key, (_, alive) in list(record.cache.items()):
+        if not _all_alive(alive) or any(
+            id(ref()) not in current for ref in alive[0]
+        ):
             del record.cache[key]
 
 
@@ -124,6 +132,20 @@ def _compile_options(model):
 
 
 def _alive(model):
-    # Holding the variables keeps their ids, which the signature names,
-    # from being reused; holding the sampler keeps its id likewise.
-    return (list(model.variables), getattr(model, "sampler", None))
+    # Weak references to what the signature names by id (the variables and
+    # the sampler): a signature whose objects all live names them, not
+    # newcomers that took a dead one's id.
+    sampler = getattr(model, "sampler", None)
+    return (
+        [weakref.ref(v) for v in model.variables],
+        None if sampler is None else weakref.ref(sampler),
+    )
+
+
+def _all_alive(alive):
+    if alive is None:
+        return True
+    refs, sampler = alive
+    return all(ref() is not None for ref in refs) and (
+        sampler is None or sampler() is not None
+    )
