@@ -67,6 +67,33 @@ def test_lowrank_contribution_is_s_xa_b(x_shape):
     _close(out, expected)
 
 
+@pytest.mark.parametrize("scale, multiplies", [(1.0, 0), (1, 0), (0.75, 1)])
+def test_lowrank_contribution_multiplies_only_when_s_is_not_one(
+    monkeypatch, scale, multiplies
+):
+    """The fewest ops: `s = 1` (alpha = rank, the default) takes no
+    elementwise multiply at all, and the result is still `s·(x·A)·B`."""
+    from keras_lowrank.adapter_math import lowrank
+
+    calls = []
+    multiply = lowrank.ops.multiply
+
+    class CountingOps:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def multiply(self, *args):
+            calls.append(args)
+            return multiply(*args)
+
+    monkeypatch.setattr(lowrank, "ops", CountingOps())
+    rng = np.random.default_rng(1)
+    x, a, b = _rand(rng, 4, 6), _rand(rng, 6, 3), _rand(rng, 3, 5)
+    out = am.lowrank_contribution(x, a, b, scale)
+    assert len(calls) == multiplies
+    _close(out, float(scale) * (x.astype("float64") @ a.astype("float64")) @ b)
+
+
 @pytest.mark.parametrize(
     "x_shape, contracted_ndim, out_shape",
     [((4, 6), 1, None), ((2, 3, 6), 1, None), ((2, 3, 2, 3), 2, None),
