@@ -106,6 +106,29 @@ def test_memory_worker_measures_one_entry_in_its_own_process():
     assert found["memory_method"].startswith(("VmHWM", "ru_maxrss"))
 
 
+@pytest.mark.slow
+def test_with_per_process_memory_each_case_is_timed_alone_in_its_process():
+    """The real workload's timing: every case in a fresh process per pass
+    (steps after warm-up, timed and the peak read over them), not nine
+    models interleaved in one process."""
+    found = llm.run(tiny=True, dtype="float32", memory="subprocess",
+                    names=("floor", "lowrank_qv"), rounds=2, steps=1,
+                    memory_steps=2, warmup=1)
+    assert found["settings"]["timing"] == "process"
+    for name, record in found["entries"].items():
+        assert record["time"]["n"] == 4  # 2 passes x max(steps, memory_steps)
+        assert record["first_step_s"] > 0 and record["peak_rss_bytes"] > 0
+        assert record["trainable_params"] > 0
+        assert len(record["more_passes"]) == 1
+        assert "step_times_s" not in record
+    assert found["entries"]["lowrank_qv"]["trainable_params"] > found[
+        "entries"]["floor"]["trainable_params"]
+    assert set(found["ratios"]) >= {"lowrank_qv_step_vs_floor"}
+    text = llm_report.markdown(found)
+    assert ("Step: median of 2 steps after warm-up of each case alone in a "
+            "fresh process, 2 passes over the cases (order rotating).") in text
+
+
 def test_dtype_falls_back_to_float32_when_bfloat16_fails(monkeypatch):
     def broken(workload, item):
         raise RuntimeError("no bfloat16 kernel for MatMul\nmore")

@@ -20,11 +20,24 @@ layers; `keras_lowrank` LoRA on query/value and on every linear layer (rank
 an int4 base (`adapt`, then `model.quantize(mode)`, as
 `scripts/bench_quantized.py` does).
 
-Figures per case: median step time (interleaved rounds), time of the first
-step (tracing and compilation), peak memory (a fresh process per case:
-peak RSS over the steps after warm-up, and the device's peak where the
-backend reports one), trainable parameters and optimizer-state bytes. The
-ratios and tables are in `llm_report`.
+Figures per case: median step time, time of the first step (tracing and
+compilation), peak memory (peak RSS over the steps after warm-up, and the
+device's peak where the backend reports one), trainable parameters and
+optimizer-state bytes. The ratios and tables are in `llm_report`.
+
+How steps are timed (`run`'s `memory`):
+
+- `"subprocess"` (the real workload): every case in its own fresh process,
+  alone in memory: load, first step, warm-up, then timed steps over which
+  the peak memory is also read; `rounds` passes over the cases, the order
+  rotating between passes. Not interleaved within one process: with nine
+  135M-parameter models in one process, each step's multi-GB temporaries
+  are freed and faulted in again around the other models' steps, and
+  consecutive steps of one case came out anywhere between 6.9 s and 15.8 s
+  (JAX, SmolLM2; the floor's median 2.1x its fastest step), while steps of a
+  case alone in its process stay within a few percent of each other.
+- `"inprocess"` / `"off"` (tiny models, tests): every case built in this
+  process and timed interleaved, as the compare bench does.
 """
 
 import dataclasses
@@ -285,17 +298,26 @@ def sizes(model):
 
 
 def memory_entry(workload_spec, item, steps, warmup):
-    """Peak memory and first-step time of one entry, in *this* process (a
-    fresh one per entry for figures that are the entry's own)."""
+    """Everything measured of one entry in *this* process (a fresh one per
+    entry, so the figures are the entry's own): the sizes, the first step,
+    then after warm-up `steps` steps, each timed (`step_times_s`), over
+    which the peak memory is read."""
     workload = CausalLMWorkload(workload_spec)
     measure.release_free_memory()
     result = {"rss_start_bytes": measure.rss_bytes()}
     model, step = prepare(workload, item)
     result["first_step_s"] = measure.time_calls(step, 1)[0]
+    result.update(sizes(model))
     for _ in range(max(warmup - 1, 0)):
         step()
     result["rss_loaded_bytes"] = measure.rss_bytes()
-    result.update(measure.peak_memory(step, steps))
+    times = []
+
+    def timed_step():
+        times.extend(measure.time_calls(step, 1))
+
+    result.update(measure.peak_memory(timed_step, steps))
+    result["step_times_s"] = times
     return result
 
 
@@ -321,13 +343,16 @@ def run(tiny=False, preset=None, cache_dir=None, dtype="auto", rank=8,
         batch_size: rows per step (default 4; tiny 2).
         sequence_length: tokens per row (default 256; tiny 8).
         names: a subset of the entry names of `ENTRIES` (default: all).
-        rounds: interleaved timing rounds.
-        steps: timed steps per entry per round.
+        rounds: passes over the cases (`"subprocess"`: one fresh process
+            per case and pass) or interleaved timing rounds (otherwise).
+        steps: timed steps per case per round (`"subprocess"`: at least
+            `memory_steps`).
         warmup: untimed steps per entry before timing (the first, timed
             apart, traces and compiles; at least one runs).
-        memory: `"subprocess"` (peak per entry, own process), `"inprocess"`
-            (this process, over the timed models' steps: not per entry) or
-            `"off"`.
+        memory: `"subprocess"` (each case alone in a fresh process: its
+            steps, first step and peak; see the module docstring),
+            `"inprocess"` (cases timed interleaved in this process, the peak
+            over the timed models' steps: not per entry) or `"off"`.
         memory_steps: steps over which the peak is taken.
         log: `print`-like progress function, or None.
 
@@ -359,6 +384,52 @@ def run(tiny=False, preset=None, cache_dir=None, dtype="auto", rank=8,
                          sequence_length=sequence_length or (8 if tiny else 256))
     workload = CausalLMWorkload(workload_spec)
     log(f"[llm] {workload.describe()}; {resolved['note']}")
+    if memory == "subprocess":
+        records = _timed_in_processes(workload_spec, items, rounds,
+                                      max(steps, memory_steps), warmup, log)
+    else:
+        records = _timed_interleaved(workload, items, rounds, steps, warmup,
+                                     memory, memory_steps, log)
+    result = {
+        "title": workload.describe(),
+        "dtype": resolved,
+        "settings": {"tiny": tiny, "rank": rank, "rounds": rounds,
+                     "steps": steps, "warmup": warmup, "memory": memory,
+                     "memory_steps": memory_steps, "preset": preset,
+                     "timing": "process" if memory == "subprocess"
+                     else "interleaved"},
+        "entries": records,
+    }
+    add_ratios(result)
+    return result
+
+
+def _timed_in_processes(workload_spec, items, rounds, steps, warmup, log):
+    """Each case alone in a fresh process, `rounds` passes (order rotating):
+    step times of every pass; first step, sizes and memory of the first."""
+    records = {item["name"]: None for item in items}
+    times = {item["name"]: [] for item in items}
+    for index in range(max(rounds, 1)):
+        shift = index % len(items)
+        for item in items[shift:] + items[:shift]:
+            log(f"  pass {index + 1}/{rounds}: {item['name']}")
+            found = memory_in_worker(workload_spec, item, steps, warmup)
+            times[item["name"]].extend(found.pop("step_times_s"))
+            if records[item["name"]] is None:
+                records[item["name"]] = {
+                    **item, "label": CASES[item["case"]].label, **found}
+            else:
+                records[item["name"]].setdefault("more_passes", []).append(
+                    {k: found[k] for k in ("first_step_s", "peak_rss_bytes")
+                     if k in found})
+    for name, record in records.items():
+        record["time"] = measure.summarize(times[name])
+    return records
+
+
+def _timed_interleaved(workload, items, rounds, steps, warmup, memory,
+                       memory_steps, log):
+    """Every case built in this process and timed interleaved (tiny models)."""
     records, steppers = {}, []
     for item in items:
         model, step = prepare(workload, item)
@@ -383,20 +454,4 @@ def run(tiny=False, preset=None, cache_dir=None, dtype="auto", rank=8,
         measure.time_calls(step, memory_steps)
         records[name].update(peak_rss_bytes=tracker.peak(), memory_method=(
             tracker.method + " (in-process: not per entry)"))
-    del steppers, model, step
-    for item in items if memory == "subprocess" else ():
-        log(f"  memory: {item['name']}")
-        found = memory_in_worker(workload_spec, item, memory_steps, warmup)
-        found["first_step_timing_process_s"] = records[item["name"]][
-            "first_step_s"]
-        records[item["name"]].update(found)
-    result = {
-        "title": workload.describe(),
-        "dtype": resolved,
-        "settings": {"tiny": tiny, "rank": rank, "rounds": rounds,
-                     "steps": steps, "warmup": warmup, "memory": memory,
-                     "memory_steps": memory_steps, "preset": preset},
-        "entries": records,
-    }
-    add_ratios(result)
-    return result
+    return records

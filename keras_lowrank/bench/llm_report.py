@@ -117,7 +117,8 @@ def markdown(llm):
     ...               "trainable_params": 8, "optimizer_state_bytes": 64}}
     >>> llm = add_ratios({"title": "toy", "entries": entries,
     ...                   "dtype": {"note": "float32 (asked for)"},
-    ...                   "settings": {"memory": "off", "memory_steps": 2}})
+    ...                   "settings": {"memory": "off", "memory_steps": 2,
+    ...                                "steps": 1}})
     >>> print(markdown(llm))  # doctest: +NORMALIZE_WHITESPACE
     **LLM fine-tuning** (toy); compute: float32 (asked for)
     <BLANKLINE>
@@ -159,19 +160,24 @@ def markdown(llm):
         if name in llm["ratios"]:
             out.append(f"| {text} | {llm['ratios'][name]:.2f} |")
     settings = llm["settings"]
+    timed = max(settings["steps"], settings["memory_steps"])
     memory = {
-        "subprocess": "peak RSS over the "
-        f"{settings['memory_steps']} steps after warm-up, a fresh process per "
-        "case (the device's peak where the backend reports one); in "
-        "parentheses, above the process's RSS before the model was built. "
-        "First step measured in that fresh process",
+        "subprocess": f"peak RSS over those {timed} steps (the device's peak "
+        "where the backend reports one), in the first pass; in parentheses, "
+        "above the process's RSS before the model was built",
         "inprocess": "in this process, after every case was built (not per "
         "case)",
         "off": "not measured",
     }[settings["memory"]]
-    out += ["", "Step: median of the interleaved timed steps. First step: "
-            "the first `train_on_batch` (tracing, compilation and one step). "
-            f"Memory: {memory}.", ""]
+    if settings.get("timing") == "process":
+        step = (f"median of {timed} steps after warm-up of each case alone in "
+                f"a fresh process, {settings['rounds']} passes over the cases "
+                "(order rotating). First step: the first `train_on_batch` of "
+                "the first pass (tracing, compilation and one step)")
+    else:
+        step = ("median of the interleaved timed steps. First step: the first "
+                "`train_on_batch` (tracing, compilation and one step)")
+    out += ["", f"Step: {step}. Memory: {memory}.", ""]
     return "\n".join(out)
 
 
