@@ -7,8 +7,10 @@ Builds three MiniLM classifiers (`keras-lowrank bench`'s workload, batch
 r = 8 with non-zero `B`: one as shipped (an inference call computes
 `x·(W + s·A·B)` when `N·(d + k) >= d·k` for its N rows), one with that fold
 switched off per layer (`_folds_in_inference = False`: the side path
-`x·W + s·(x·A)·B`). `predict_on_batch` runs interleaved; prints medians and
-ratios to the base model.
+`x·W + s·(x·A)·B`), and a third adapted copy merged (`keras_lowrank.merge`:
+the same computation as the base, so its ratio shows how fair the base's
+figure is). `predict_on_batch` runs interleaved, the order rotating between
+rounds; prints medians and ratios to the base model.
 """
 
 import statistics
@@ -17,6 +19,7 @@ import time
 
 import keras
 
+import keras_lowrank
 from keras_lowrank.bench import cases
 from keras_lowrank.bench import workloads as wl
 from keras_lowrank.layers.base import LowRankLayer
@@ -24,10 +27,11 @@ from keras_lowrank.layers.base import LowRankLayer
 spec = wl.minilm_spec(8, 128)
 workload = wl.make_workload(spec)
 models = {"base": workload.build()}
-for name in ("fold", "side"):
+for name in ("fold", "side", "merged"):
     m = workload.build()
     cases.get("unmerged").prepare(m, workload, "all_linear", 8)
     models[name] = m
+keras_lowrank.merge(models["merged"])
 for layer in models["side"]._flatten_layers():
     if isinstance(layer, LowRankLayer):
         layer._folds_in_inference = False
@@ -43,8 +47,9 @@ def run(model):
 for m in models.values():
     run(m); run(m)
 times = {k: [] for k in models}
+names = list(models)
 for r in range(int(sys.argv[1]) if len(sys.argv) > 1 else 10):
-    for k, m in models.items():
-        times[k].append(run(m))
+    for k in names[r % len(names):] + names[:r % len(names)]:
+        times[k].append(run(models[k]))
 b = statistics.median(times["base"])
 print(keras.backend.backend(), {k: f"{statistics.median(v):.1f} ms ({statistics.median(v)/b:.2f}x)" for k, v in times.items()}, flush=True)
