@@ -30,7 +30,8 @@ def test_tiny_run_writes_markdown_json_and_plot(tiny_result):
     assert saved["meta"]["backend"] == backend
     text = (out / f"bench-{backend}.md").read_text()
     for needle in ("keras_lowrank LoRA", "Keras enable_lora", "floor",
-                   "adapted, merged", "Rank sweep", "Width sweep"):
+                   "adapted, merged", "Rank sweep", "Width sweep",
+                   "interleaved rounds x"):
         assert needle in text
 
 

@@ -39,14 +39,23 @@ def test_tiny_llm_run_writes_json_and_markdown(tiny_llm):
     with open(out / f"bench-{backend}.json") as f:
         saved = json.load(f)
     assert saved["records"] == []
-    assert set(saved["llm"]["entries"]) == {e[0] for e in llm.ENTRIES}
+    # In ENTRIES' order in the file too, so a report rebuilt from it
+    # (`combine`) lists the cases as the run did, not alphabetically.
+    assert list(saved["llm"]["entries"]) == [e[0] for e in llm.ENTRIES]
     assert list(result["llm"]["entries"]) == [e[0] for e in llm.ENTRIES]
+    assert os.path.getsize(out / f"bench-{backend}-llm.png") > 0
+    # No MiniLM block, so no MiniLM plot (and the log does not claim one).
+    assert not os.path.exists(out / f"bench-{backend}.png")
     text = (out / f"bench-{backend}.md").read_text()
     for needle in ("**LLM fine-tuning**", "`int4_all_linear`",
                    "Keras enable_lora", "keras_lowrank LoRA, int8 base",
                    "LoRA all linear peak memory / full fine-tuning",
                    "batch 2 x 8 tokens"):
         assert needle in text
+    # The header's interleaved-rounds sentence describes the MiniLM blocks;
+    # an LLM-only run has none, and its own timing line says how it timed.
+    assert "interleaved rounds" not in text
+    assert "MiniLM/compare blocks only" not in text
 
 
 def test_every_entry_measured_and_every_ratio_computed(tiny_llm):
@@ -93,7 +102,11 @@ def test_combine_adds_an_llm_table_across_backends(tiny_llm):
     assert table[2] == "| compute dtype | bfloat16 | bfloat16 |"
     assert len(table) == 2 + len(llm_report.RATIOS)
     bench.combine(str(out), (backend,))
-    assert "**LLM fine-tuning**" in (out / "bench.md").read_text()
+    combined = (out / "bench.md").read_text()
+    assert "**LLM fine-tuning**" in combined
+    rows = [line.split("`")[1] for line in combined.splitlines()
+            if line.startswith("| `")]
+    assert rows == [e[0] for e in llm.ENTRIES]
 
 
 @pytest.mark.slow

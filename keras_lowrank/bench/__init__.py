@@ -242,9 +242,19 @@ def run(args):
     text = _markdown(result)
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
+    written = [stem + ".md", stem + ".json"]
     result["png"] = report.plot(result, stem + ".png")
+    if result["png"]:
+        written.append(result["png"])
+    if result.get("llm"):
+        from keras_lowrank.bench import llm_plot
+
+        title = f"SmolLM2 fine-tuning — {backend} — {result['meta']['date']}"
+        png = llm_plot.plot(result["llm"], stem + "-llm.png", title=title)
+        if png:
+            written.append(png)
     log("\n" + text)
-    log(f"wrote {stem}.md, {stem}.json, {stem}.png")
+    log("wrote " + ", ".join(written))
     return result
 
 

@@ -217,16 +217,20 @@ def markdown(result):
     """The whole report of one run (one backend) as Markdown."""
     records = result["records"]
     meta = result["meta"]
-    out = [
-        f"### Backend `{meta['backend']}` — {meta['date']}",
-        "",
+    header = (
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
         f"{meta['machine']['memory_gib']} GiB; {meta.get('accelerator') or 'no accelerator'}. "
-        f"keras {meta['keras']}, {meta['backend']} {meta['backend_version']}. "
-        f"Timing: {meta['rounds']} interleaved rounds x {meta['steps']} steps "
-        f"per entry, medians; memory: {meta['memory']}.",
-        "",
-    ]
+        f"keras {meta['keras']}, {meta['backend']} {meta['backend_version']}."
+    )
+    # Interleaved rounds time the compare blocks and serving; the LLM
+    # section says how it was timed (a process per case), so an LLM-only
+    # run leaves the sentence out.
+    if records or result.get("serving"):
+        header += (
+            f" Timing: {meta['rounds']} interleaved rounds x {meta['steps']} "
+            f"steps per entry, medians; memory: {meta['memory']}."
+        )
+    out = [f"### Backend `{meta['backend']}` — {meta['date']}", "", header, ""]
     blocks = []
     for r in records:
         if r["block"] not in blocks:
@@ -257,7 +261,9 @@ def markdown(result):
 
 def write_json(result, path):
     with open(path, "w") as f:
-        json.dump(result, f, indent=1, sort_keys=True)
+        # The run's own order (the LLM cases as `llm.ENTRIES` lists them),
+        # so a report rebuilt from the file (`combine`) lists them alike.
+        json.dump(result, f, indent=1)
 
 
 def plot(result, path):
