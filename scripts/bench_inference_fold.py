@@ -2,12 +2,12 @@
 
     KERAS_BACKEND=torch python scripts/bench_inference_fold.py [rounds]
 
-Builds three MiniLM classifiers (`keras-lowrank bench`'s workload, batch
-8 x 128): the base model, and two copies adapted on every linear layer at
+Builds four MiniLM classifiers (`keras-lowrank bench`'s workload, batch
+8 x 128): the base model, and three copies adapted on every linear layer at
 r = 8 with non-zero `B`: one as shipped (an inference call computes
 `x·(W + s·A·B)` when `N·(d + k) >= d·k` for its N rows), one with that fold
 switched off per layer (`_folds_in_inference = False`: the side path
-`x·W + s·(x·A)·B`), and a third adapted copy merged (`keras_lowrank.merge`:
+`x·W + s·(x·A)·B`), and one merged (`keras_lowrank.merge`:
 the same computation as the base, so its ratio shows how fair the base's
 figure is). `predict_on_batch` runs interleaved, the order rotating between
 rounds; prints medians and ratios to the base model.

@@ -249,7 +249,8 @@ def run(args):
     if result.get("llm"):
         from keras_lowrank.bench import llm_plot
 
-        title = f"SmolLM2 fine-tuning — {backend} — {result['meta']['date']}"
+        # `--llm-preset` may name another Llama3 than SmolLM2.
+        title = f"LLM fine-tuning — {backend} — {result['meta']['date']}"
         png = llm_plot.plot(result["llm"], stem + "-llm.png", title=title)
         if png:
             written.append(png)

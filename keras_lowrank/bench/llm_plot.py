@@ -5,10 +5,11 @@ reference lines (the floor for time, full fine-tuning for memory) differ.
 """
 
 from keras_lowrank.bench import llm_report
+from keras_lowrank.bench.report import CASE_COLORS
 
-# Bar colours by what a case is, as in `report.plot`.
-_COLORS = {"full": "#888888", "floor": "#2ca02c", "builtin": "#d62728",
-           "lowrank": "#1f77b4", "dora": "#9467bd", "int": "#17becf"}
+# An LLM case's name starts with its kind (`builtin_qv`, `int8_all_linear`):
+# the MiniLM plot's colours, plus DoRA's and the quantized bases'.
+_COLORS = {**CASE_COLORS, "dora": "#9467bd", "int": "#17becf"}
 
 
 def _color(name):

@@ -266,6 +266,11 @@ def write_json(result, path):
         json.dump(result, f, indent=1)
 
 
+# Bar and line colours by case, shared by this plot and `llm_plot`.
+CASE_COLORS = {"full": "#888888", "builtin": "#d62728", "lowrank": "#1f77b4",
+               "floor": "#2ca02c"}
+
+
 def plot(result, path):
     """A PNG: MiniLM step time per case, the rank sweep and the width sweep."""
     import matplotlib
@@ -286,8 +291,7 @@ def plot(result, path):
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
     axes = [axes] if len(panels) == 1 else list(axes)
-    colors = {"full": "#888888", "builtin": "#d62728", "lowrank": "#1f77b4",
-              "floor": "#2ca02c"}
+    colors = CASE_COLORS
     for ax, panel in zip(axes, panels):
         if panel == "compare":
             labels, values, cols = [], [], []
