@@ -1,13 +1,15 @@
 """Inference may add plain LoRA adapters to the kernel (`x·(W + s·A·B)`)
 instead of computing them on the side: only for `training=False`, enough
-input rows (`N·(d + k) >= d·k`), float32 compute, unquantized kernels and
-LoRA (not DoRA); the output equals the side path's."""
+input rows (`N·(d + k) >= c·d·k`, `c` per backend), float32 compute,
+unquantized kernels and LoRA (not DoRA); the output equals the side
+path's."""
 
 import keras
 import numpy as np
 import pytest
 
 import keras_lowrank
+from keras_lowrank.layers import forward
 
 D = 5  # input features of every layer here
 
@@ -50,7 +52,7 @@ def _x(rows_per_batch, seed=1):
 @pytest.mark.parametrize("kind", ["dense", "einsum"])
 def test_inference_with_many_rows_folds_and_equals_the_side_path(kind, folds):
     layer = _layer(kind)
-    x = _x(4)  # 8 rows: 8·(5 + 6) >= 5·6
+    x = _x(8)  # 16 rows: 16·(5 + 6) >= 4·5·6, every backend folds
     side = keras.ops.convert_to_numpy(layer(x))  # training=None: side path
     assert folds == []
     folded = keras.ops.convert_to_numpy(layer(x, training=False))
@@ -69,7 +71,7 @@ def test_several_active_adapters_fold_together(kind, folds):
     b = layer.adapter_variables("second")["B"]
     b.assign(np.full(tuple(b.shape), 0.3, "float32"))
     layer.set_active_adapters(["default", "second"])
-    x = _x(4)
+    x = _x(8)
     side = keras.ops.convert_to_numpy(layer(x))
     folded = keras.ops.convert_to_numpy(layer(x, training=False))
     assert folds == [layer.name]
@@ -81,13 +83,13 @@ def test_several_active_adapters_fold_together(kind, folds):
     [
         # 2 rows: 2·(5 + 6) < 5·6, the side path moves less.
         ("too few rows", lambda: _layer("dense"), 1, False),
-        ("training", lambda: _layer("dense"), 4, True),
-        ("training unspecified", lambda: _layer("dense"), 4, None),
-        ("DoRA", lambda: _layer("dense", method="dora"), 4, False),
+        ("training", lambda: _layer("dense"), 8, True),
+        ("training unspecified", lambda: _layer("dense"), 8, None),
+        ("DoRA", lambda: _layer("dense", method="dora"), 8, False),
         (
             "bfloat16 compute",
             lambda: _layer("dense", dtype="mixed_bfloat16"),
-            4,
+            8,
             False,
         ),
     ],
@@ -101,5 +103,23 @@ def test_side_path_where_folding_does_not_apply(why, make, rows, training, folds
 def test_quantized_kernel_keeps_the_side_path(folds):
     layer = _layer("dense")
     layer.quantize("int8")
-    layer(_x(4), training=False)
+    layer(_x(8), training=False)
     assert folds == []
+
+
+@pytest.mark.parametrize("kind", ["dense", "einsum"])
+def test_the_fold_threshold_is_the_backends(kind, folds):
+    """8 rows: 8·(5 + 6) = 88 values of side-path traffic against 30 of
+    folding. PyTorch and TensorFlow fold from 30 on, JAX from 4·30 = 120
+    (measured: on JAX the side path costs less than its traffic says)."""
+    backend = keras.config.backend()
+    assert forward.FOLD_THRESHOLDS == {"jax": 4.0}
+    layer = _layer(kind)
+    x = _x(4)
+    side = keras.ops.convert_to_numpy(layer(x))
+    got = keras.ops.convert_to_numpy(layer(x, training=False))
+    assert folds == ([] if backend == "jax" else [layer.name])
+    np.testing.assert_allclose(got, side, rtol=1e-5, atol=1e-6)
+    folds.clear()
+    layer(_x(6), training=False)  # 12·11 = 132 >= 120: JAX folds too
+    assert folds == [layer.name]

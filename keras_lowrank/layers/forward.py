@@ -15,6 +15,7 @@ PEFT files hold, both agree.)
 
 import math
 
+import keras
 from keras import ops
 
 from keras_lowrank import adapter_math
@@ -56,11 +57,12 @@ def folds_for_inference(layer, inputs, pending, training):
     Both are exact; they differ in memory traffic. The side path re-reads
     the `N×d` input and adds an `N×k` output to another (two thin products);
     folding forms and adds one `d×k` matrix. So it folds when
-    `N·(d + k) >= d·k`: on MiniLM (N = 1024) every projection, the
-    1536→384 output ones included (the first rule, `N >= d`, left those on
-    the side path); for generation (a few rows) the side path. On MiniLM
-    under PyTorch the side path alone made unmerged inference 1.27x the base
-    model's. Only for `training=False` (as
+    `N·(d + k) >= c·d·k`, `c` measured per backend (`FOLD_THRESHOLDS`):
+    on MiniLM (N = 1024) under PyTorch and TensorFlow every projection
+    folds; under JAX the 384→384 ones fold and the 384↔1536 ones stay on
+    the side path; for generation (a few rows) the side path everywhere.
+    On MiniLM under PyTorch the side path alone made unmerged inference
+    1.27x the base model's. Only for `training=False` (as
     `predict` passes; `fit` passes `training=True`, and training never forms
     `W + ΔW`), for plain LoRA adapters on a float32 compute dtype (a bfloat16
     `W + ΔW` would round small updates away) and an unquantized kernel, and
@@ -79,8 +81,22 @@ def folds_for_inference(layer, inputs, pending, training):
     rows = math.prod(shape) // max(1, layout.d * math.prod(layout.batch_shape))
     # The side path re-reads the input and adds to the output, about
     # N·(d + k) values more than the base; folding forms and adds one d×k
-    # matrix. Fold when that moves less.
-    return rows * (layout.d + layout.k) >= layout.d * layout.k
+    # matrix. Fold when that moves less, as weighed on this backend.
+    threshold = FOLD_THRESHOLDS.get(keras.config.backend(), 1.0)
+    return rows * (layout.d + layout.k) >= threshold * layout.d * layout.k
+
+
+# `c` in `N·(d + k) >= c·d·k` where it is not 1: how much more side-path
+# traffic than folding traffic this backend bears before folding pays.
+# JAX: unmerged MiniLM inference (8×128, LoRA r=8 on every projection,
+# `scripts/bench_inference_fold.py`, a 2-core Xeon, 2026-12-08) was 1.15x
+# the base folding all, 1.11-1.13x folding none and 1.08x folding only the
+# 384→384 projections (N·(d+k)/(d·k) = 5.3) with the 384↔1536 ones (3.3) on
+# the side path (a 2-core EPYC: 1.21x folding all, 1.13-1.18x none). On the
+# 384→1536 shape alone, jitted, folding was the cheaper: what a whole model
+# streams through the cache decides. PyTorch and TensorFlow were fastest
+# folding all (1.10x / 1.07x).
+FOLD_THRESHOLDS = {"jax": 4.0}
 
 
 def rematerialized(layer, keras_remat, layer_call):
