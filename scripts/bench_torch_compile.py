@@ -1,0 +1,66 @@
+"""Does `torch.compile` close the all-linear gap on PyTorch?
+
+    KERAS_BACKEND=torch python scripts/bench_torch_compile.py [rounds]
+
+`keras-lowrank bench` keeps every backend's Keras default, which on
+PyTorch is eager. This builds its MiniLM workload (batch 8 x 128) as the
+floor, Keras `enable_lora` and keras_lowrank LoRA on every linear layer
+(r = 8), each compiled once with `jit_compile=False` and once with
+`jit_compile=True` (Keras hands the train step to `torch.compile`), times
+`train_on_batch` interleaved with the order rotating between rounds, and
+prints the first step of each model, the ratios to the floor of the same
+mode and the compiled floor against the eager one. On 2026-12-08 (2-core
+Xeon, two runs of 8 rounds): eager LoRA 1.20-1.22x the floor,
+`enable_lora` 1.29x; compiled 1.22-1.25x and 1.26-1.27x, the compiled
+floor 1.08-1.10x the eager one, first steps 8-38 s against 0.4-0.6 s.
+"""
+
+import statistics
+import sys
+import time
+
+import keras
+
+from keras_lowrank.bench import cases
+from keras_lowrank.bench import workloads as wl
+
+workload = wl.make_workload(wl.minilm_spec(8, 128))
+x, y = workload.batch()
+steps = {}
+for jit in (False, True):
+    for name in ("floor", "builtin", "lowrank"):
+        case = cases.get(name)
+        model = workload.build()
+        if case.adapted:
+            case.prepare(model, workload, "all_linear", 8)
+        else:
+            case.prepare(model, workload)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit,
+        )
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        print(f"{name}, jit_compile={jit}: first step "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        model.train_on_batch(x, y)
+        steps[(name, jit)] = lambda model=model: model.train_on_batch(x, y)
+
+times = {key: [] for key in steps}
+keys = list(steps)
+for r in range(int(sys.argv[1]) if len(sys.argv) > 1 else 8):
+    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+        start = time.perf_counter()
+        steps[key]()
+        times[key].append((time.perf_counter() - start) * 1e3)
+median = {key: statistics.median(v) for key, v in times.items()}
+for jit in (False, True):
+    floor = median[("floor", jit)]
+    print(f"jit_compile={jit}: floor {floor:.0f} ms; enable_lora "
+          f"{median[('builtin', jit)] / floor:.2f}x the floor; LoRA "
+          f"{median[('lowrank', jit)] / floor:.2f}x the floor, "
+          f"{median[('lowrank', jit)] / median[('builtin', jit)]:.2f}x "
+          "enable_lora")
+print(f"compiled floor / eager floor: "
+      f"{median[('floor', True)] / median[('floor', False)]:.2f}")
