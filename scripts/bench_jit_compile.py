@@ -22,33 +22,24 @@ import statistics
 import sys
 import time
 
-import keras
-
-from keras_lowrank.bench import cases
+from keras_lowrank.bench import runner
 from keras_lowrank.bench import workloads as wl
 
 workload = wl.make_workload(wl.minilm_spec(8, 128))
-x, y = workload.batch()
 steps = {}
 for jit in (False, True):
     for name in ("floor", "builtin", "lowrank"):
-        case = cases.get(name)
-        model = workload.build()
-        if case.adapted:
-            case.prepare(model, workload, "all_linear", 8)
-        else:
-            case.prepare(model, workload)
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit,
+        # `entry` drops the targets of a case that does not adapt (floor).
+        model, step = runner.prepare(
+            workload, runner.entry(name, "all_linear", 8)
         )
+        model.jit_compile = jit  # read when the first step builds the function
         start = time.perf_counter()
-        model.train_on_batch(x, y)
+        step()
         print(f"{name}, jit_compile={jit}: first step "
               f"{time.perf_counter() - start:.1f} s", flush=True)
-        model.train_on_batch(x, y)
-        steps[(name, jit)] = lambda model=model: model.train_on_batch(x, y)
+        step()
+        steps[(name, jit)] = step
 
 times = {key: [] for key in steps}
 keys = list(steps)

@@ -23,37 +23,18 @@ runs): 96-108 -> 110 ms; `aten::add` +3.3-3.6 ms (54 -> 91: the fold's
 
 import sys
 
-import keras
 import torch
 
-from keras_lowrank.bench import cases
+from keras_lowrank.bench import runner
 from keras_lowrank.bench import workloads as wl
 
 workload = wl.make_workload(wl.minilm_spec(8, 128))
-x, y = workload.batch()
 inference = "infer" in sys.argv[1:]
+calls = 5 if inference else 3
 per_step = {}
 for name in ("base", "unmerged") if inference else ("floor", "lowrank"):
-    case = cases.get(name)
-    model = workload.build()
-    if case.adapted:
-        case.prepare(model, workload, "all_linear", 8)
-    else:
-        case.prepare(model, workload)
-    if inference:
-        calls = 5
-
-        def step():
-            model.predict_on_batch(x)
-    else:
-        calls = 3
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-
-        def step():
-            model.train_on_batch(x, y)
+    # `entry` drops the targets of a case that does not adapt (floor, base).
+    _, step = runner.prepare(workload, runner.entry(name, "all_linear", 8))
     for _ in range(3):
         step()
     with torch.profiler.profile() as profile:
